@@ -1,0 +1,64 @@
+"""Multi-scale descriptor extraction (TensorFlow graph compatible)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+from dolg_tf.config import PAPER_SCALES
+from dolg_tf.errors import ConfigError, InputShapeError
+
+
+def _l2_normalize(x: tf.Tensor) -> tf.Tensor:
+    return x / tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=-1, keepdims=True), 1e-12))
+
+
+def scaled_size(size: tf.Tensor, scale: float) -> tf.Tensor:
+    """``max(1, round_half_up(size * scale))``, OpenCV's rounding of a resize factor."""
+    scaled = tf.floor(tf.cast(size, tf.float32) * scale + 0.5)
+    return tf.maximum(tf.cast(scaled, tf.int32), 1)
+
+
+def multiscale_embed(
+    model: keras.Model,
+    images,
+    scales: Sequence[float] = PAPER_SCALES,
+) -> tf.Tensor:
+    """Multi-scale DOLG descriptors.
+
+    Each image batch is resized (bilinear, no antialiasing, like OpenCV's
+    ``resize`` used by the official evaluation) by every factor in
+    ``scales``; each scale's descriptor is L2-normalised, the descriptors are
+    averaged and the average is L2-normalised again. Sizes are computed at run
+    time, so this works inside a ``tf.function`` with unknown H and W (it is
+    used inside the exported SavedModel).
+
+    Args:
+        model: a model mapping ``(B, H, W, 3)`` pixels in [0, 255] to
+            ``(B, D)`` descriptors (a :class:`dolg_tf.model.DOLG`).
+        images: float ``(B, H, W, 3)`` RGB pixels in [0, 255].
+        scales: positive resize factors.
+
+    Returns:
+        float32 ``(B, D)`` unit-norm descriptors.
+    """
+    scales = tuple(float(s) for s in scales)
+    if not scales or any(not s > 0 for s in scales):
+        raise ConfigError(f"scales must be a non-empty sequence of positive numbers, got {scales}")
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank is not None and (images.shape.rank != 4 or images.shape[-1] not in (None, 3)):
+        raise InputShapeError(f"images must have shape (batch, height, width, 3), got {images.shape}")
+    images = tf.cast(images, tf.float32)
+    shape = tf.shape(images)
+    total = None
+    for scale in scales:
+        if scale == 1.0:
+            resized = images
+        else:
+            size = tf.stack([scaled_size(shape[1], scale), scaled_size(shape[2], scale)])
+            resized = tf.image.resize(images, size, method="bilinear", antialias=False)
+        descriptor = _l2_normalize(tf.cast(model(resized, training=False), tf.float32))
+        total = descriptor if total is None else total + descriptor
+    return _l2_normalize(total)
