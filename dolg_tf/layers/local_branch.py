@@ -72,7 +72,10 @@ class LocalBranch(keras.layers.Layer):
             if self.multi_atrous
             else None
         )
-        self.conv = keras.layers.Conv2D(self.filters, 1, name="conv", dtype=policy)
+        # No bias: a bias right before batch norm gets a zero gradient in training
+        # and only shifts the moving mean at inference. The official conv1 has
+        # one; the converter folds it into the moving mean, exactly.
+        self.conv = keras.layers.Conv2D(self.filters, 1, use_bias=False, name="conv", dtype=policy)
         self.bn = keras.layers.BatchNormalization(
             epsilon=self.bn_epsilon, momentum=self.bn_momentum, name="bn", dtype=policy
         )
