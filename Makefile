@@ -1,0 +1,31 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+# Each creates the virtual environment in .venv when it is missing or stale.
+PYTHON ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: demo test test-all bench venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	$(VENV)/bin/python -m pip check
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dolg demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+test-all: $(STAMP)
+	$(VENV)/bin/python -m pytest -m ""
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/model_forward.py --preset resnet101 --size 512 --batches 1,8
+
+clean:
+	rm -rf $(VENV) .pytest_cache
