@@ -94,7 +94,6 @@ def test_head_is_kept_on_request(r50_pair):
     assert head.num_classes == NUM_CLASSES and float(head.t.numpy()) == pytest.approx(0.25)
 
 
-@pytest.mark.slow
 def test_r101_parity(tmp_path, rng):
     module = randomise_(OfficialDOLG(101, True, num_classes=NUM_CLASSES), seed=5)
     model = from_official_pytorch(_save_checkpoint(module, tmp_path / "r101.pyth"), preset="resnet101")
@@ -159,3 +158,36 @@ def test_preset_mismatch_and_detection(tmp_path):
     torch.save({"model_state": state}, tmp_path / "r50.pyth")
     with pytest.raises(WeightsError, match="resnet50 DOLG but preset 'resnet101'"):
         from_official_pytorch(tmp_path / "r50.pyth", preset="resnet101")
+
+
+def test_cli_convert_writes_a_loadable_keras_model(r50_pair, tmp_path, rng, capsys):
+    import keras
+
+    from dolg_tf import cli
+
+    module, model, path = r50_pair[False]
+    out_dir = tmp_path / "converted"
+    assert cli.main(["convert", "--from", "official-pytorch", "--checkpoint", str(path), "--out", str(out_dir)]) == 0
+    loaded = keras.saving.load_model(out_dir / "dolg.keras", safe_mode=True)
+    assert (out_dir / "dolg.config.json").is_file()
+    x = rng.uniform(0, 255, (1, 64, 64, 3)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    capsys.readouterr()
+    assert cli.main(["convert", "--checkpoint", str(path), "--out", str(out_dir)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["convert", "--checkpoint", str(tmp_path / "none.pyth"), "--out", str(tmp_path / "w.weights.h5")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_converted_model_survives_savedmodel_round_trip(r50_pair, tmp_path, rng):
+    import tensorflow as tf
+
+    from dolg_tf.model.serving import save_pixel_savedmodel
+
+    _, model, _ = r50_pair[True]
+    path = save_pixel_savedmodel(model, tmp_path / "sm" / "1", OFFICIAL_SCALES)
+    loaded = tf.saved_model.load(path)
+    pixels = rng.integers(0, 256, (2, 80, 112, 3), dtype=np.uint8)
+    got = loaded.signatures["embed_pixels"](pixels=tf.constant(pixels))["embedding"].numpy()
+    expected = np.asarray(multiscale_embed(model, pixels.astype("float32"), OFFICIAL_SCALES))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
