@@ -31,10 +31,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from dolg_tf.demo_data import demo_views
     from dolg_tf.evaluate import label_retrieval_metrics, rank_by_similarity
-    from dolg_tf.model import build_dolg, multiscale_embed
+    from dolg_tf.model import build_dolg, load_dolg, multiscale_embed
 
     t0 = time.perf_counter()
-    model = build_dolg(args.preset, weights=args.weights, backbone_weights=args.backbone_weights)
+    if args.model:
+        model = load_dolg(args.model)
+    else:
+        model = build_dolg(args.preset, weights=args.weights, backbone_weights=args.backbone_weights)
     build_s = time.perf_counter() - t0
     gallery, gallery_labels, names = demo_views(args.gallery_views, seed=0, size=args.image_size)
     queries, query_labels, _ = demo_views(1, seed=1, size=args.image_size)
@@ -54,8 +57,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     embed_s = time.perf_counter() - t0
     metrics = label_retrieval_metrics(rank_by_similarity(query_emb, gallery_emb), query_labels, gallery_labels)
     summary = {
-        "preset": args.preset,
-        "trained_weights": bool(args.weights or args.backbone_weights),
+        "preset": args.preset if not args.model else model.config.backbone,
+        "trained_weights": bool(args.model or args.weights or args.backbone_weights),
         "photos": len(names),
         "gallery": len(gallery),
         "queries": len(queries),
@@ -68,7 +71,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     kind = "trained" if summary["trained_weights"] else "UNTRAINED (random weights: a colour-statistics baseline, not a trained result)"
     print(
         f"demo: {len(queries)} queries vs {len(gallery)} gallery views of {len(names)} built-in photos, "
-        f"{kind} {args.preset} model: mAP {metrics['mAP']:.3f}, recall@1 {metrics['recall@1']:.3f}, "
+        f"{kind} {summary['preset']} model: mAP {metrics['mAP']:.3f}, recall@1 {metrics['recall@1']:.3f}, "
         f"{summary['images_per_s']} images/s"
     )
     return 0
@@ -113,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="embed the built-in demo photos and report retrieval quality")
     demo.add_argument("--preset", default="tiny", help="model preset: tiny, resnet50, resnet101 (default: tiny)")
+    demo.add_argument("--model", default=None, help="a .keras DOLG model (e.g. from `dolg convert`); overrides --preset")
     demo.add_argument("--weights", default=None, help="a .weights.h5 file of a DOLG model of this preset")
     demo.add_argument("--backbone-weights", default=None, help="keras-hub ResNet preset name or local directory")
     demo.add_argument("--image-size", type=int, default=160, help="longer side of each view (default: 160)")

@@ -1,6 +1,7 @@
 """Official PyTorch checkpoint -> Keras: key coverage, numerical parity, loud errors."""
 
 import ast
+import json
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,11 @@ def test_cli_convert_writes_a_loadable_keras_model(r50_pair, tmp_path, rng, caps
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert cli.main(["convert", "--checkpoint", str(tmp_path / "none.pyth"), "--out", str(tmp_path / "w.weights.h5")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["demo", "--model", str(out_dir / "dolg.keras"), "--image-size", "64", "--gallery-views", "1", "--scales", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert summary["preset"] == "resnet50" and summary["trained_weights"] is True
+    assert cli.main(["demo", "--model", str(out_dir / "dolg.config.json")]) == 2
+    assert "could not load model file" in capsys.readouterr().err
 
 
 def test_converted_model_survives_savedmodel_round_trip(r50_pair, tmp_path, rng):

@@ -165,3 +165,22 @@ def build_dolg(
         except ValueError as err:
             raise WeightsError(f"weights file {weights!r} does not fit preset {preset!r}: {err}") from err
     return model
+
+
+def load_dolg(path: str) -> DOLG:
+    """Loads a DOLG model saved as ``.keras`` (for example by ``dolg convert``) with ``safe_mode=True``.
+
+    Raises:
+        WeightsError: missing or unreadable file, or a file that is not a DOLG model.
+    """
+    import os
+
+    if not os.path.isfile(path):
+        raise WeightsError(f"model file {path!r} does not exist")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except Exception as err:  # keras raises ValueError, OSError, zipfile errors, ...
+        raise WeightsError(f"could not load model file {path!r}: {err}") from err
+    if not isinstance(model, DOLG):
+        raise WeightsError(f"{path!r} holds a {type(model).__name__}, not a DOLG model")
+    return model
