@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")  # the [dev] extra installs it; CI always has it
+import torch  # the [dev] extra installs it: a missing torch must fail, not skip
 
-from dolg_tf.config import OFFICIAL_SCALES  # noqa: E402
-from dolg_tf.convert import detect_architecture, from_official_pytorch, load_official_state_dict  # noqa: E402
-from dolg_tf.errors import WeightsError  # noqa: E402
-from dolg_tf.model import multiscale_embed  # noqa: E402
-from tests.torch_official import OfficialDOLG, official_input, randomise_  # noqa: E402
+from dolg_tf.config import OFFICIAL_SCALES
+from dolg_tf.convert import detect_architecture, from_official_pytorch, load_official_state_dict
+from dolg_tf.errors import WeightsError
+from dolg_tf.model import multiscale_embed
+from tests.torch_official import OfficialDOLG, official_input, randomise_
 
 DATA = Path(__file__).parent / "data"
 NUM_CLASSES = 10
