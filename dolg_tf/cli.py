@@ -33,6 +33,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dolg_tf.evaluate import label_retrieval_metrics, rank_by_similarity
     from dolg_tf.model import build_dolg, load_dolg, multiscale_embed
 
+    import keras
+
+    keras.utils.set_random_seed(args.seed)  # untrained weights: same numbers on every run
     t0 = time.perf_counter()
     if args.model:
         model = load_dolg(args.model)
@@ -119,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="a .keras DOLG model (e.g. from `dolg convert`); overrides --preset")
     demo.add_argument("--weights", default=None, help="a .weights.h5 file of a DOLG model of this preset")
     demo.add_argument("--backbone-weights", default=None, help="keras-hub ResNet preset name or local directory")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     demo.add_argument("--image-size", type=int, default=160, help="longer side of each view (default: 160)")
     demo.add_argument("--gallery-views", type=int, default=2, help="gallery views per photo (default: 2)")
     demo.add_argument(
