@@ -181,9 +181,9 @@ def from_official_pytorch(
         missing.append("localmodel.conv1.bias")
     unexpected = sorted(set(state) - set(targets))
     mismatched = []
-    for key in sorted(set(targets) & set(state)):
-        target = targets[key]
-        value = target.transform(np.asarray(state[key], np.float32))
+    values = {key: targets[key].transform(np.asarray(state[key], np.float32)) for key in set(targets) & set(state)}
+    for key in sorted(values):
+        target, value = targets[key], values[key]
         if tuple(value.shape) != tuple(target.variable.shape):
             mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)} -> {tuple(value.shape)}, model {tuple(target.variable.shape)}")
     if conv1_bias is not None and conv1_bias.shape != tuple(targets["localmodel.bn.running_mean"].variable.shape):
@@ -199,7 +199,7 @@ def from_official_pytorch(
         raise WeightsError(f"checkpoint {os.fspath(checkpoint_path)!r} does not match the {backbone} DOLG model: " + "; ".join(problems))
 
     for key, target in targets.items():
-        value = target.transform(np.asarray(state[key], np.float32))
+        value = values[key]
         if key == "localmodel.bn.running_mean":
             # BN(conv(x) + b) with moving mean mu equals BN(conv(x)) with moving mean mu - b.
             value = value - np.asarray(conv1_bias, np.float32)

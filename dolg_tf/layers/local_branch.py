@@ -9,6 +9,7 @@ from keras import ops
 
 from dolg_tf.errors import ConfigError, InputShapeError
 from dolg_tf.layers.multi_atrous import MultiAtrous
+from dolg_tf.layers.normalization import l2_normalize
 
 
 @keras.saving.register_keras_serializable(package="dolg_tf")
@@ -99,9 +100,7 @@ class LocalBranch(keras.layers.Layer):
             x = self.atrous(x)
         f = self.bn(self.conv(x), training=training)
         # The channel norm of 1024 values can overflow float16: normalise in float32.
-        f32 = ops.cast(f, "float32")
-        norm = ops.sqrt(ops.maximum(ops.sum(ops.square(f32), axis=-1, keepdims=True), 1e-12))
-        features = ops.cast(f32 / norm, self.compute_dtype)
+        features = ops.cast(l2_normalize(ops.cast(f, "float32")), self.compute_dtype)
         attention = ops.softplus(self.attention_conv(ops.relu(f)))
         local = attention * features
         if self.return_attention:

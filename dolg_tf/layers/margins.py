@@ -16,13 +16,9 @@ import numpy as np
 from keras import ops
 
 from dolg_tf.errors import ConfigError, InputShapeError
+from dolg_tf.layers.normalization import l2_normalize
 
 _SIN_EPS = 1e-7
-
-
-def _normalize(x, axis):
-    sq = ops.sum(ops.square(x), axis=axis, keepdims=True)
-    return x / ops.sqrt(ops.maximum(sq, 1e-12))
 
 
 def _add_angular_margin(cos, margin):
@@ -68,8 +64,8 @@ class _MarginHead(keras.layers.Layer):
         )
 
     def _cosine(self, embeddings):
-        x = _normalize(ops.cast(embeddings, "float32"), axis=-1)
-        w = _normalize(ops.cast(self.kernel, "float32"), axis=0)
+        x = l2_normalize(ops.cast(embeddings, "float32"), axis=-1)
+        w = l2_normalize(ops.cast(self.kernel, "float32"), axis=0)
         cos = ops.matmul(x, w)
         if self._num_centers > 1:
             cos = ops.reshape(cos, (-1, self.num_classes, self._num_centers))

@@ -9,6 +9,11 @@ from keras import ops
 
 from dolg_tf.errors import ConfigError
 
+def l2_normalize(x, axis: int = -1, epsilon: float = 1e-12):
+    """``x / sqrt(max(sum(x^2), epsilon))`` along ``axis`` (a zero vector stays zero)."""
+    return x / ops.sqrt(ops.maximum(ops.sum(ops.square(x), axis=axis, keepdims=True), epsilon))
+
+
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 
@@ -91,9 +96,7 @@ class L2Normalize(keras.layers.Layer):
         self.epsilon = float(epsilon)
 
     def call(self, inputs):
-        x = ops.cast(inputs, "float32")
-        sq = ops.sum(ops.square(x), axis=-1, keepdims=True)
-        return x / ops.sqrt(ops.maximum(sq, self.epsilon))
+        return l2_normalize(ops.cast(inputs, "float32"), epsilon=self.epsilon)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)

@@ -9,10 +9,7 @@ import tensorflow as tf
 
 from dolg_tf.config import PAPER_SCALES
 from dolg_tf.errors import ConfigError, InputShapeError
-
-
-def _l2_normalize(x: tf.Tensor) -> tf.Tensor:
-    return x / tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=-1, keepdims=True), 1e-12))
+from dolg_tf.layers.normalization import l2_normalize
 
 
 def scaled_size(size: tf.Tensor, scale: float) -> tf.Tensor:
@@ -59,6 +56,6 @@ def multiscale_embed(
         else:
             size = tf.stack([scaled_size(shape[1], scale), scaled_size(shape[2], scale)])
             resized = tf.image.resize(images, size, method="bilinear", antialias=False)
-        descriptor = _l2_normalize(tf.cast(model(resized, training=False), tf.float32))
+        descriptor = l2_normalize(tf.cast(model(resized, training=False), tf.float32))
         total = descriptor if total is None else total + descriptor
-    return _l2_normalize(total)
+    return l2_normalize(total)
