@@ -72,7 +72,7 @@ def main() -> None:
     import torch
 
     from dolg_tf.convert import from_official_pytorch
-    from dolg_tf.model.serving import save_pixel_savedmodel
+    from dolg_tf.export import export_saved_model
     from tests.torch_official import OfficialDOLG, official_input, randomise_
 
     threads = os.cpu_count() or 1
@@ -84,7 +84,9 @@ def main() -> None:
     ckpt = os.path.join(tmp, "official.pyth")
     torch.save({"model_state": module.state_dict()}, ckpt)
     model = from_official_pytorch(ckpt)
-    saved = tf.saved_model.load(save_pixel_savedmodel(model, os.path.join(tmp, "sm", "1"), scales=(1.0,)))
+    saved = tf.saved_model.load(
+        export_saved_model(model, os.path.join(tmp, "sm"), scales=(1.0,), image_size=args.size, warmup_batch_sizes=())
+    )
     serve = saved.signatures["embed_pixels"]
     keras_fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 

@@ -188,10 +188,11 @@ def test_cli_convert_writes_a_loadable_keras_model(r50_pair, tmp_path, rng, caps
 def test_converted_model_survives_savedmodel_round_trip(r50_pair, tmp_path, rng):
     import tensorflow as tf
 
-    from dolg_tf.model.serving import save_pixel_savedmodel
+    from dolg_tf.export import export_saved_model
 
     _, model, _ = r50_pair[True]
-    path = save_pixel_savedmodel(model, tmp_path / "sm" / "1", OFFICIAL_SCALES)
+    # image_size = the longer side, so the export's first resize keeps the size.
+    path = export_saved_model(model, tmp_path / "sm", scales=OFFICIAL_SCALES, image_size=112, warmup_batch_sizes=())
     loaded = tf.saved_model.load(path)
     pixels = rng.integers(0, 256, (2, 80, 112, 3), dtype=np.uint8)
     got = loaded.signatures["embed_pixels"](pixels=tf.constant(pixels))["embedding"].numpy()
