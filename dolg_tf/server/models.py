@@ -1,0 +1,448 @@
+"""Loading SavedModel versions from a base path and running their signatures, as TF Serving does.
+
+A base path holds one directory per version, named by an integer
+(``saved_models/dolg/1/``, ``.../2/``). :class:`ModelManager` polls it, loads
+the versions its policy asks for (by default the latest one), runs each
+version's warmup records before making it available, and unloads a version only
+after its replacement is available, so requests never find the model missing.
+:class:`Servable` is one loaded version: it validates request tensors against
+the version's ``SignatureDef`` and runs the signature.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import predict_pb2
+
+from dolg_tf.errors import ServingError
+from dolg_tf.server.status import RequestError, invalid_argument, not_found
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIGNATURE = "serving_default"
+SERVE_TAG = "serve"
+INIT_OP_SIGNATURE = "__saved_model_init_op"
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+# TF Serving replays at most this many warmup records per version.
+MAX_WARMUP_RECORDS = 1000
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions to serve: TF Serving's ``latest {num_versions}``, ``all {}`` or ``specific {versions}``.
+
+    Args:
+        kind: ``"latest"``, ``"all"`` or ``"specific"``.
+        num_versions: how many of the newest versions ``latest`` keeps.
+        versions: the versions ``specific`` serves.
+    """
+
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        """Parses ``latest``, ``latest:N``, ``all`` or ``specific:1,3``."""
+        kind, _, arg = text.strip().partition(":")
+        try:
+            if kind == "latest":
+                policy = cls("latest", int(arg) if arg else 1)
+                if policy.num_versions < 1:
+                    raise ValueError
+                return policy
+            if kind == "all" and not arg:
+                return cls("all")
+            if kind == "specific":
+                versions = tuple(sorted({int(v) for v in arg.split(",")}))
+                if versions and min(versions) >= 0:
+                    return cls("specific", versions=versions)
+        except ValueError:
+            pass
+        raise ServingError(f"version policy must be latest, latest:N (N >= 1), all or specific:V1,V2,..., got {text!r}")
+
+    def select(self, available: Sequence[int]) -> set[int]:
+        ordered = sorted(available)
+        if self.kind == "all":
+            return set(ordered)
+        if self.kind == "specific":
+            return set(ordered) & set(self.versions)
+        return set(ordered[-self.num_versions :])
+
+
+def parse_version_labels(text: str) -> dict[str, int]:
+    """Parses ``stable=1,canary=2`` into ``{"stable": 1, "canary": 2}``."""
+    labels: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, version = item.partition("=")
+        if not sep or not name or not version.strip().isdigit():
+            raise ServingError(f"version labels must look like name=VERSION[,name=VERSION], got {item!r} in {text!r}")
+        labels[name.strip()] = int(version)
+    return labels
+
+
+def _tensor_spec(info: meta_graph_pb2.TensorInfo) -> tuple[tf.DType, tf.TensorShape]:
+    return tf.dtypes.as_dtype(info.dtype), tf.TensorShape(info.tensor_shape)
+
+
+def read_serving_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
+    """Reads the MetaGraphDef tagged ``serve`` from ``<path>/saved_model.pb``."""
+    saved_model = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        saved_model.ParseFromString(f.read())
+    for meta_graph in saved_model.meta_graphs:
+        if SERVE_TAG in meta_graph.meta_info_def.tags:
+            return meta_graph
+    raise ServingError(f"{path}: no MetaGraph tagged {SERVE_TAG!r}")
+
+
+class Servable:
+    """One loaded version of a model.
+
+    Args:
+        name: the model name it is served under.
+        version: its integer version.
+        path: the version directory.
+        max_tensor_bytes: the largest decoded input tensor accepted.
+    """
+
+    def __init__(self, name: str, version: int, path: str, max_tensor_bytes: int = 64 << 20):
+        self.name = name
+        self.version = version
+        self.path = path
+        self.max_tensor_bytes = max_tensor_bytes
+        self.meta_graph = read_serving_meta_graph(path)
+        self.signature_defs = self.meta_graph.signature_def
+        self._loaded = tf.saved_model.load(path, tags=[SERVE_TAG])
+        self._functions = dict(self._loaded.signatures)
+
+    # --- signatures -----------------------------------------------------------------
+    def signature(self, signature_name: str) -> tuple[str, meta_graph_pb2.SignatureDef]:
+        """Resolves ``""`` to ``serving_default``; an unknown name is NOT_FOUND."""
+        name = signature_name or DEFAULT_SIGNATURE
+        if name == INIT_OP_SIGNATURE or name not in self.signature_defs or name not in self._functions:
+            known = sorted(k for k in self._functions if k != INIT_OP_SIGNATURE)
+            raise not_found(
+                f'Serving signature key "{name}" not found in model {self.name} version {self.version}; '
+                f"signatures: {', '.join(known)}"
+            )
+        return name, self.signature_defs[name]
+
+    # --- running ----------------------------------------------------------------------
+    def run(
+        self,
+        signature_name: str,
+        inputs: Mapping[str, np.ndarray],
+        output_filter: Sequence[str] = (),
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        """Runs a signature on numpy inputs.
+
+        Args:
+            signature_name: a signature key (``""`` means ``serving_default``).
+            inputs: one array per input alias, of the signature's dtype.
+            output_filter: output aliases to return (empty: all).
+
+        Returns:
+            ``(resolved signature name, {output alias: array})``.
+
+        Raises:
+            RequestError: NOT_FOUND for an unknown signature, INVALID_ARGUMENT for
+                inputs that do not match it (names, dtype, shape) and whatever
+                status the graph itself raises (e.g. INVALID_ARGUMENT from its
+                input checks).
+        """
+        name, signature_def = self.signature(signature_name)
+        expected = set(signature_def.inputs)
+        sent = set(inputs)
+        if sent != expected:
+            raise invalid_argument(
+                f"input size does not match signature: {len(sent)}!={len(expected)} "
+                f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+                f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+                f"Missing but required: {{{','.join(sorted(expected - sent))}}}."
+            )
+        unknown_outputs = [o for o in output_filter if o not in signature_def.outputs]
+        if unknown_outputs:
+            raise invalid_argument(f"output tensor alias not found in signature: {unknown_outputs[0]}")
+        tensors = {}
+        for alias, array in inputs.items():
+            dtype, shape = _tensor_spec(signature_def.inputs[alias])
+            got = tf.dtypes.as_dtype(array.dtype) if array.dtype != object else tf.string
+            if got != dtype:
+                raise invalid_argument(f"input '{alias}' expects dtype {dtype.name} but got {got.name}")
+            if not shape.is_compatible_with(array.shape):
+                raise invalid_argument(
+                    f"input '{alias}' expects shape {_shape_text(shape)} but got {list(array.shape)}"
+                )
+            tensors[alias] = tf.constant(array, dtype=dtype)
+        try:
+            result = self._functions[name](**tensors)
+        except tf.errors.OpError as err:
+            raise RequestError.from_canonical(err.error_code, graph_error_message(err.message)) from None
+        except (TypeError, ValueError) as err:  # argument binding in the Python signature wrapper
+            raise invalid_argument(str(err)) from None
+        wanted = list(output_filter) or list(signature_def.outputs)
+        return name, {alias: result[alias].numpy() for alias in wanted}
+
+    def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        """Answers a ``PredictRequest`` (model_spec already resolved to this version)."""
+        inputs = {alias: self.tensor_from_proto(alias, proto) for alias, proto in request.inputs.items()}
+        name, outputs = self.run(request.model_spec.signature_name, inputs, list(request.output_filter))
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = self.name
+        response.model_spec.version.value = self.version
+        response.model_spec.signature_name = name
+        for alias, value in outputs.items():
+            response.outputs[alias].CopyFrom(tf.make_tensor_proto(value))
+        return response
+
+    def tensor_from_proto(self, alias: str, proto) -> np.ndarray:
+        """Decodes a request ``TensorProto`` with a size check before any allocation."""
+        try:
+            shape = [d.size for d in proto.tensor_shape.dim]
+            if any(d < 0 for d in shape):
+                raise ValueError(f"negative dimension in shape {shape}")
+            elements = int(np.prod(shape, dtype=np.int64))
+            itemsize = 1 if proto.dtype == tf.string.as_datatype_enum else tf.dtypes.as_dtype(proto.dtype).size
+            # A proto may name a huge shape with one repeated value, which numpy would expand.
+            if elements * max(itemsize, 1) > self.max_tensor_bytes:
+                raise ValueError(f"shape {shape} is larger than the limit of {self.max_tensor_bytes} bytes")
+            return tf.make_ndarray(proto)
+        except (TypeError, ValueError, KeyError) as err:
+            raise invalid_argument(f"input '{alias}' is not a valid TensorProto: {err}") from None
+
+    def warmup(self) -> int:
+        """Replays ``assets.extra/tf_serving_warmup_requests``; returns the number of records run.
+
+        Raises:
+            ServingError: a record is not a ``PredictionLog`` with a predict request,
+                or its request fails (TF Serving fails the load in both cases).
+        """
+        from tensorflow_serving.apis import prediction_log_pb2
+
+        path = os.path.join(self.path, WARMUP_FILE)
+        if not os.path.exists(path):
+            return 0
+        count = 0
+        for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+            log = prediction_log_pb2.PredictionLog()
+            try:
+                log.ParseFromString(record.numpy())
+            except Exception as err:  # protobuf's DecodeError has no stable import path
+                raise ServingError(f"{path}: record {count} is not a PredictionLog: {err}") from None
+            if log.WhichOneof("log_type") != "predict_log":
+                raise ServingError(f"{path}: record {count} is {log.WhichOneof('log_type')}, only predict_log is supported")
+            try:
+                self.predict(log.predict_log.request)
+            except RequestError as err:
+                raise ServingError(f"{path}: warmup record {count} failed: {err.message}") from None
+            count += 1
+        return count
+
+
+_EAGER_PREFIX = re.compile(r"^Graph execution error:\s*(?:Detected at node .*?\n<stack traces unavailable>\n)?", re.DOTALL)
+_EAGER_SUFFIX = re.compile(r"\s*\[Op:__inference_[^\]]*\]\s*$")
+
+
+def graph_error_message(message: str) -> str:
+    """The graph's own message, as TF Serving's session returns it, without eager-call decorations."""
+    return _EAGER_SUFFIX.sub("", _EAGER_PREFIX.sub("", message, count=1)).strip()
+
+
+def _shape_text(shape: tf.TensorShape) -> str:
+    return "<unknown rank>" if shape.rank is None else str([-1 if d is None else d for d in shape.as_list()])
+
+
+@dataclass
+class VersionState:
+    """What ``GetModelStatus`` reports for one version."""
+
+    state: str  # LOADING, AVAILABLE, UNLOADING or END, as in ModelVersionStatus.State
+    error_code: grpc.StatusCode = grpc.StatusCode.OK
+    error_message: str = ""
+    since: float = field(default_factory=time.time)
+
+
+class ModelManager:
+    """Serves the versions of one model found under a base path.
+
+    Args:
+        model_name: the name clients address (``model_spec.name``).
+        base_path: directory of integer-named version directories.
+        policy: which versions to keep loaded.
+        labels: version labels (``{"stable": 1}``).
+        warmup: replay each version's warmup records before serving it.
+        max_tensor_bytes: the largest decoded input tensor accepted.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        base_path: str | os.PathLike,
+        policy: VersionPolicy | None = None,
+        labels: Mapping[str, int] | None = None,
+        warmup: bool = True,
+        max_tensor_bytes: int = 64 << 20,
+    ):
+        self.model_name = model_name
+        self.base_path = os.path.abspath(os.fspath(base_path))
+        if not os.path.isdir(self.base_path):
+            raise ServingError(f"model base path {self.base_path} is not a directory")
+        self.policy = policy or VersionPolicy()
+        self.labels = dict(labels or {})
+        self.warmup = warmup
+        self.max_tensor_bytes = max_tensor_bytes
+        self._servables: dict[int, Servable] = {}
+        self._states: dict[int, VersionState] = {}
+        self._lock = threading.Lock()
+        self._poll_lock = threading.Lock()  # one reconcile at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- discovery and loading --------------------------------------------------------
+    def complete_versions(self) -> list[int]:
+        """Integer-named subdirectories holding a ``saved_model.pb`` (a half-written one has none yet)."""
+        versions = []
+        for entry in os.scandir(self.base_path):
+            if entry.is_dir() and entry.name.isdigit() and os.path.isfile(os.path.join(entry.path, "saved_model.pb")):
+                versions.append(int(entry.name))
+        return sorted(versions)
+
+    def poll_once(self) -> None:
+        """Loads the versions the policy wants, then unloads the ones it no longer wants."""
+        with self._poll_lock:
+            wanted = self.policy.select(self.complete_versions())
+            with self._lock:
+                loaded = set(self._servables)
+                failed = {v for v, s in self._states.items() if s.state == "END" and s.error_code != grpc.StatusCode.OK}
+            for version in sorted(wanted - loaded - failed):
+                self._load(version)
+            with self._lock:
+                available = set(self._servables)
+            # Unload only when something wanted is available, so the model never disappears.
+            if wanted & available:
+                for version in sorted(available - wanted):
+                    self._unload(version)
+
+    def _load(self, version: int) -> None:
+        path = os.path.join(self.base_path, str(version))
+        with self._lock:
+            self._states[version] = VersionState("LOADING")
+        t0 = time.perf_counter()
+        try:
+            servable = Servable(self.model_name, version, path, self.max_tensor_bytes)
+            records = servable.warmup() if self.warmup else 0
+        except Exception as err:  # any failure marks the version failed; the server keeps serving the others
+            logger.error("failed to load %s version %d from %s: %s", self.model_name, version, path, err)
+            with self._lock:
+                self._states[version] = VersionState("END", grpc.StatusCode.UNKNOWN, f"failed to load: {err}")
+            return
+        with self._lock:
+            self._servables[version] = servable
+            self._states[version] = VersionState("AVAILABLE")
+        logger.info(
+            "loaded %s version %d (%d warmup records) in %.2f s", self.model_name, version, records, time.perf_counter() - t0
+        )
+
+    def _unload(self, version: int) -> None:
+        with self._lock:
+            self._servables.pop(version, None)
+            # In-flight requests hold their own reference, so they finish on the old version.
+            self._states[version] = VersionState("END")
+        logger.info("unloaded %s version %d", self.model_name, version)
+
+    def start_polling(self, poll_seconds: float) -> None:
+        """Polls the base path every ``poll_seconds`` in a daemon thread (<= 0: never)."""
+        if poll_seconds <= 0:
+            return
+
+        def loop():
+            while not self._stop.wait(poll_seconds):
+                try:
+                    self.poll_once()
+                except Exception:  # a bad directory must not kill the poller
+                    logger.exception("polling %s failed", self.base_path)
+
+        self._thread = threading.Thread(target=loop, name="dolg-serve-poll", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def wait_until_available(self, timeout_s: float | None = None, poll_seconds: float = 1.0) -> None:
+        """Blocks until a version is available (TF Serving also waits before opening its ports)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            self.poll_once()
+            if self.available_versions():
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise ServingError(f"no loadable version of {self.model_name} under {self.base_path} after {timeout_s} s")
+            logger.warning("no servable version of %s under %s yet; waiting", self.model_name, self.base_path)
+            if self._stop.wait(poll_seconds):
+                raise ServingError("stopped while waiting for a version")
+
+    # --- lookup -----------------------------------------------------------------------
+    def available_versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._servables)
+
+    def _requested_version(self, name: str, version: int | None, label: str | None) -> int | None:
+        """Checks the model name and turns a label into its version (None: the latest)."""
+        if name != self.model_name:
+            raise not_found(f"Servable not found for request: model {name!r} (this server serves {self.model_name!r})")
+        if version is not None and label:
+            raise invalid_argument(f"Both model version ({version}) and model version label ({label}) cannot be supplied.")
+        if label:
+            if label not in self.labels:
+                raise not_found(f"Unrecognized servable version label: {label!r} of model {name}")
+            return self.labels[label]
+        return version
+
+    def resolve(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
+        """Finds the servable a ``model_spec`` names: a version, a label, or (neither) the latest.
+
+        Raises:
+            RequestError: NOT_FOUND for an unknown model, version or label;
+                INVALID_ARGUMENT when both a version and a label are given.
+        """
+        version = self._requested_version(name, version, label)
+        with self._lock:
+            if version is None:
+                if not self._servables:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no version of {name} is available")
+                return self._servables[max(self._servables)]
+            servable = self._servables.get(version)
+        if servable is None:
+            raise not_found(f"Servable not found for request: Specific({name}, {version})")
+        return servable
+
+    def resolve_spec(self, model_spec) -> Servable:
+        """:meth:`resolve` for a ``tensorflow.serving.ModelSpec``."""
+        version = model_spec.version.value if model_spec.HasField("version") else None
+        label = model_spec.version_label if model_spec.WhichOneof("version_choice") == "version_label" else None
+        return self.resolve(model_spec.name, version, label)
+
+    def version_states(self, name: str, version: int | None = None, label: str | None = None) -> dict[int, VersionState]:
+        """The states ``GetModelStatus`` reports (all versions when neither version nor label is given)."""
+        version = self._requested_version(name, version, label)
+        with self._lock:
+            states = dict(self._states)
+        if version is None:
+            return dict(sorted(states.items()))
+        if version not in states:
+            raise not_found(f"Could not find version {version} of model {name}")
+        return {version: states[version]}
