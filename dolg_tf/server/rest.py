@@ -317,7 +317,12 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             length = -1
         if length < 0 or length > self.max_body_bytes:
-            self._reply(413 if length > 0 else 400, {"error": f"request body must be 0..{self.max_body_bytes} bytes"})
+            if 0 < length <= 4 * self.max_body_bytes:
+                self._discard(length)  # so the client reads our answer instead of a reset connection
+            self._reply(
+                413 if length > 0 else 400,
+                {"error": f"request body of {length} bytes is outside 0..{self.max_body_bytes} bytes (--max-message-bytes)"},
+            )
             self.close_connection = True
             return
         body = self.rfile.read(length) if length else b""
@@ -326,6 +331,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         status, payload = self.api.handle(method, path, body)
         self._reply(status, payload)
+
+    def _discard(self, length: int) -> None:
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 20))
+            if not chunk:
+                return
+            length -= len(chunk)
 
     def _reply(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode("utf-8")

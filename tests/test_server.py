@@ -1,0 +1,516 @@
+"""``dolg serve`` against a real server process on loopback, through raw gRPC stubs and raw HTTP.
+
+One server is started for the whole module (tiny preset, 64-pixel exports) with
+two versions and labels; the last tests export a third version while it runs
+and then stop it with SIGTERM. Every embedding the server returns is compared
+with the same SavedModel called in this process.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import grpc
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from dolg_tf.errors import ServingError
+from dolg_tf.export import export_saved_model
+from dolg_tf.model import build_dolg
+from dolg_tf.server import VersionPolicy, parse_version_labels
+from dolg_tf.server.rest import json_to_array, parse_predict_body
+
+pytestmark = pytest.mark.integration
+
+EXPORT = dict(image_size=64, scales=(0.7071, 1.0))
+MAX_MESSAGE = 4 << 20
+START_TIMEOUT_S = 180
+
+
+# --- images ---------------------------------------------------------------------------------
+def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(h: int = 48, w: int = 72, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], -1)
+    return np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A well-formed PNG header claiming ``width x height`` with almost no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose SOF0 frame header is rewritten to claim ``width x height``."""
+    data = bytearray(_encode(Image.fromarray(_photo(16, 16)), "JPEG", quality=90))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.fromarray(_photo(40, 40, seed=s)).convert("P") for s in range(3)]
+    return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+GOOD_JPEG = _encode(Image.fromarray(_photo()), "JPEG", quality=92)
+GOOD_PNG = _encode(Image.fromarray(_photo(40, 30, seed=1)), "PNG")
+
+# name -> (bytes, decodable): decodable inputs must give the in-process embedding,
+# the others INVALID_ARGUMENT / HTTP 400.
+IMAGE_CORPUS = {
+    "empty bytes": (b"", False),
+    "text": (b"this is not an image, just some text\n", False),
+    "truncated jpeg": (GOOD_JPEG[: len(GOOD_JPEG) // 2], False),
+    "png header claims 30000x30000": (_png_claiming(30000, 30000), False),
+    "jpeg header claims 30000x30000": (_jpeg_claiming(30000, 30000), False),
+    "cmyk jpeg": (_encode(Image.fromarray(_photo(seed=2)).convert("CMYK"), "JPEG"), True),
+    "16-bit rgb png": (tf.io.encode_png(_photo(seed=3).astype(np.uint16) * 257).numpy(), True),
+    "grayscale png": (_encode(Image.fromarray(_photo(seed=4)).convert("L"), "PNG"), True),
+    "grayscale jpeg": (_encode(Image.fromarray(_photo(seed=5)).convert("L"), "JPEG"), True),
+    "rgba png": (_encode(Image.fromarray(_photo(seed=6)).convert("RGBA"), "PNG"), True),
+    "animated gif": (_animated_gif(), True),
+    "1x1 png": (_encode(Image.fromarray(_photo(1, 1, seed=7)), "PNG"), True),
+    "bmp": (_encode(Image.fromarray(_photo(seed=8)), "BMP"), True),
+}
+
+
+# --- the server -------------------------------------------------------------------------------
+class Server:
+    def __init__(self, proc: subprocess.Popen, ready: dict, base: str, log_path: str):
+        self.proc, self.ready, self.base, self.log_path = proc, ready, base, log_path
+        self.channel = grpc.insecure_channel(
+            f"127.0.0.1:{ready['grpc_port']}",
+            options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
+        )
+        self.predict = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self._reference: dict[str, object] = {}
+
+    def http(self, method: str, path: str, body: dict | bytes | None = None) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.ready["rest_port"], timeout=60)
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        payload = json.loads(response.read())
+        conn.close()
+        return response.status, payload
+
+    def reference(self, version: int, signature: str, **inputs) -> np.ndarray:
+        """The same SavedModel version called in this process."""
+        key = f"{version}"
+        if key not in self._reference:
+            self._reference[key] = tf.saved_model.load(os.path.join(self.base, str(version)))
+        return self._reference[key].signatures[signature](**inputs)["embedding"].numpy()
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-4000:]
+
+
+def _start_server(base: str, log_path: str, *extra: str) -> Server:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
+    cmd = [
+        sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
+        "-v", "serve", "--model-base-path", base, "--port", "0", "--rest-api-port", "0",
+        "--tensorflow-intra-op-parallelism", "1", "--tensorflow-inter-op-parallelism", "2",
+        "--max-message-bytes", str(MAX_MESSAGE), *extra,
+    ]  # fmt: skip
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"dolg serve exited with {proc.returncode}:\n{open(log_path).read()[-4000:]}")
+        readable, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if readable:
+            line = proc.stdout.readline()
+            if line.startswith("{"):
+                return Server(proc, json.loads(line), base, log_path)
+    proc.kill()
+    raise AssertionError(f"dolg serve did not report its ports in {START_TIMEOUT_S} s:\n{open(log_path).read()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("serve") / "dolg")
+    for version, seed in ((1, 11), (2, 22)):
+        keras.utils.set_random_seed(seed)  # different weights: versions give different embeddings
+        export_saved_model(build_dolg("tiny"), base, version=version, **EXPORT)
+    srv = _start_server(
+        base,
+        str(tmp_path_factory.mktemp("serve-log") / "server.log"),
+        "--version-policy", "all", "--version-labels", "stable=1,canary=2", "--poll-seconds", "0.5",
+    )  # fmt: skip
+    yield srv
+    if srv.proc.poll() is None:
+        srv.proc.kill()
+        srv.proc.wait(30)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def _bytes_request(images: list[bytes], *, version=None, label=None, signature="") -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "dolg"
+    if version is not None:
+        request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
+    request.model_spec.signature_name = signature
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.array(images, dtype=object), dtype=tf.string))
+    return request
+
+
+def _pixels_request(pixels: np.ndarray, version=None) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "dolg"
+    request.model_spec.signature_name = "embed_pixels"
+    if version is not None:
+        request.model_spec.version.value = version
+    request.inputs["pixels"].CopyFrom(tf.make_tensor_proto(pixels))
+    return request
+
+
+def _grpc_error(call, *args) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, timeout=60)
+    return info.value
+
+
+def _b64(data: bytes) -> dict:
+    return {"b64": base64.b64encode(data).decode("ascii")}
+
+
+def _assert_close(a, b):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5, rtol=0)
+
+
+# --- units: no server needed -------------------------------------------------------------------
+def test_version_policy_and_labels_parse_and_reject():
+    assert VersionPolicy.parse("latest").select([1, 3, 2]) == {3}
+    assert VersionPolicy.parse("latest:2").select([1, 3, 2]) == {2, 3}
+    assert VersionPolicy.parse("all").select([1, 2]) == {1, 2}
+    assert VersionPolicy.parse("specific:1,4").select([1, 2, 3]) == {1}
+    assert parse_version_labels("stable=1, canary=2") == {"stable": 1, "canary": 2}
+    for bad in ("latest:0", "newest", "specific:a", "all:1"):
+        with pytest.raises(ServingError, match="version policy"):
+            VersionPolicy.parse(bad)
+    with pytest.raises(ServingError, match="name=VERSION"):
+        parse_version_labels("stable:1")
+
+
+def test_rest_json_conversion_is_strict():
+    pixels = json_to_array([[[1, 2, 3]]], tf.uint8, "x")
+    assert pixels.dtype == np.uint8 and pixels.shape == (1, 1, 3)
+    assert json_to_array([_b64(b"\x00\xff"), "a"], tf.string, "x").tolist() == [b"\x00\xff", b"a"]
+    for value, dtype, message in (
+        ([[1.5]], tf.uint8, "expects uint8"),
+        ([[300]], tf.uint8, r"\[0, 255\]"),
+        ([[1, 2], [3]], tf.uint8, "ragged"),
+        ([{"b64": "***"}], tf.string, "base64"),
+        ([1, 2], tf.string, "expected a string"),
+    ):
+        with pytest.raises(Exception, match=message):
+            json_to_array(value, dtype, "x")
+    arrays, layout = parse_predict_body({"instances": [_b64(b"a"), _b64(b"b")]}, {"images": tf.string})
+    assert layout == "row" and arrays["images"].tolist() == [b"a", b"b"]
+    with pytest.raises(Exception, match="only one of"):
+        parse_predict_body({"instances": [1], "inputs": [1]}, {"images": tf.string})
+
+
+# --- predict ---------------------------------------------------------------------------------------
+def test_grpc_predict_both_signatures_match_in_process(server):
+    response = server.predict.Predict(_bytes_request([GOOD_JPEG, GOOD_PNG], version=1), timeout=60)
+    got = tf.make_ndarray(response.outputs["embedding"])
+    want = server.reference(1, "serving_default", images=tf.constant([GOOD_JPEG, GOOD_PNG]))
+    assert got.shape == (2, want.shape[1]) and got.dtype == np.float32
+    _assert_close(got, want)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert response.model_spec.name == "dolg" and response.model_spec.version.value == 1
+    assert response.model_spec.signature_name == "serving_default"
+
+    pixels = np.stack([_photo(40, 56, seed=9), _photo(40, 56, seed=10)])
+    response = server.predict.Predict(_pixels_request(pixels, version=1), timeout=60)
+    _assert_close(tf.make_ndarray(response.outputs["embedding"]), server.reference(1, "embed_pixels", pixels=pixels))
+    assert response.model_spec.signature_name == "embed_pixels"
+
+
+def test_rest_predict_row_and_columnar_match_in_process(server):
+    want = server.reference(2, "serving_default", images=tf.constant([GOOD_JPEG, GOOD_PNG]))
+    status, body = server.http("POST", "/v1/models/dolg/versions/2:predict", {"instances": [_b64(GOOD_JPEG), _b64(GOOD_PNG)]})
+    assert status == 200, body
+    _assert_close(body["predictions"], want)  # single output: one list per instance, no output name
+    status, body = server.http(
+        "POST", "/v1/models/dolg/labels/canary:predict", {"inputs": {"images": [_b64(GOOD_JPEG), _b64(GOOD_PNG)]}}
+    )
+    assert status == 200, body
+    _assert_close(body["outputs"], want)
+
+    pixels = _photo(32, 40, seed=11)
+    status, body = server.http(
+        "POST",
+        "/v1/models/dolg/versions/2:predict",
+        {"signature_name": "embed_pixels", "instances": [{"pixels": pixels.tolist()}]},
+    )
+    assert status == 200, body
+    _assert_close(body["predictions"], server.reference(2, "embed_pixels", pixels=pixels[None]))
+
+
+def test_version_and_label_selection(server):
+    v1 = server.predict.Predict(_bytes_request([GOOD_JPEG], version=1), timeout=60)
+    stable = server.predict.Predict(_bytes_request([GOOD_JPEG], label="stable"), timeout=60)
+    canary = server.predict.Predict(_bytes_request([GOOD_JPEG], label="canary"), timeout=60)
+    assert stable.model_spec.version.value == 1 and canary.model_spec.version.value == 2
+    _assert_close(tf.make_ndarray(stable.outputs["embedding"]), tf.make_ndarray(v1.outputs["embedding"]))
+    # The two versions hold different weights, so selecting the wrong one would show.
+    diff = np.abs(tf.make_ndarray(canary.outputs["embedding"]) - tf.make_ndarray(v1.outputs["embedding"])).max()
+    assert diff > 1e-3
+    latest = server.predict.Predict(_bytes_request([GOOD_JPEG]), timeout=60)
+    assert latest.model_spec.version.value == max(server.ready["versions"])
+
+
+def test_unknown_model_version_label_signature_are_not_found(server):
+    bad_model = _bytes_request([GOOD_JPEG])
+    bad_model.model_spec.name = "resnet"
+    for request in (
+        bad_model,
+        _bytes_request([GOOD_JPEG], version=99),
+        _bytes_request([GOOD_JPEG], label="nightly"),
+        _bytes_request([GOOD_JPEG], signature="classify_things"),
+    ):
+        assert _grpc_error(server.predict.Predict, request).code() == grpc.StatusCode.NOT_FOUND
+    for path, body in (
+        ("/v1/models/resnet:predict", {"instances": [_b64(GOOD_JPEG)]}),
+        ("/v1/models/dolg/versions/99:predict", {"instances": [_b64(GOOD_JPEG)]}),
+        ("/v1/models/dolg:predict", {"signature_name": "nope", "instances": [_b64(GOOD_JPEG)]}),
+    ):
+        status, payload = server.http("POST", path, body)
+        assert status == 404 and payload["error"], (path, payload)
+    status, payload = server.http("GET", "/v1/models/resnet")
+    assert status == 404 and "resnet" in payload["error"]
+
+
+# --- metadata and status -------------------------------------------------------------------------
+def test_metadata_grpc_and_rest(server):
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "dolg"
+    request.model_spec.version.value = 1
+    response = server.predict.GetModelMetadata(request, timeout=60)
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    assert response.metadata["signature_def"].Unpack(signatures)
+    default = signatures.signature_def["serving_default"]
+    assert default.inputs["images"].dtype == tf.string.as_datatype_enum
+    assert [d.size for d in default.inputs["images"].tensor_shape.dim] == [-1]
+    pixels = signatures.signature_def["embed_pixels"].inputs["pixels"]
+    assert pixels.dtype == tf.uint8.as_datatype_enum and [d.size for d in pixels.tensor_shape.dim] == [-1, -1, -1, 3]
+    assert response.model_spec.version.value == 1
+
+    status, body = server.http("GET", "/v1/models/dolg/versions/1/metadata")
+    assert status == 200, body
+    assert body["model_spec"] == {"name": "dolg", "version": "1", "signature_name": ""}
+    rest_default = body["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert rest_default["inputs"]["images"]["dtype"] == "DT_STRING"
+    assert rest_default["outputs"]["embedding"]["dtype"] == "DT_FLOAT"
+    assert rest_default["method_name"] == "tensorflow/serving/predict"
+
+    empty = get_model_metadata_pb2.GetModelMetadataRequest()
+    empty.model_spec.name = "dolg"
+    assert _grpc_error(server.predict.GetModelMetadata, empty).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_model_status_grpc_and_rest(server):
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "dolg"
+    response = server.models.GetModelStatus(request, timeout=60)
+    states = {s.version: s for s in response.model_version_status}
+    assert set(states) >= {1, 2}
+    assert all(s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE and s.status.error_code == 0 for s in states.values())
+
+    status, body = server.http("GET", "/v1/models/dolg/versions/2")
+    assert status == 200, body
+    assert body == {"model_version_status": [{"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    status, body = server.http("GET", "/v1/models/dolg/versions/42")
+    assert status == 404 and "42" in body["error"]
+    status, body = server.http("GET", "/v1/nonsense/path")
+    assert status == 400 and "Malformed request" in body["error"]
+
+
+# --- bad input --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(IMAGE_CORPUS))
+def test_image_corpus_grpc_and_rest(server, name):
+    data, decodable = IMAGE_CORPUS[name]
+    request = _bytes_request([data], version=1)
+    status, body = server.http("POST", "/v1/models/dolg/versions/1:predict", {"instances": [_b64(data)]})
+    if decodable:
+        want = server.reference(1, "serving_default", images=tf.constant([data]))
+        _assert_close(tf.make_ndarray(server.predict.Predict(request, timeout=60).outputs["embedding"]), want)
+        assert status == 200, body
+        _assert_close(body["predictions"], want)
+    else:
+        err = _grpc_error(server.predict.Predict, request)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        assert "images[0]" in err.details() or "image" in err.details().lower(), err.details()
+        assert status == 400 and body["error"] == err.details()
+    # The server keeps serving after every bad request.
+    good = server.predict.Predict(_bytes_request([GOOD_JPEG], version=1), timeout=60)
+    assert tf.make_ndarray(good.outputs["embedding"]).shape[0] == 1
+
+
+def test_malformed_tensors_and_json_are_invalid_argument(server):
+    zero = _bytes_request([], version=1)
+    wrong_dtype = _bytes_request([GOOD_JPEG], version=1)
+    wrong_dtype.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 8), np.float32)))
+    wrong_rank = _bytes_request([GOOD_JPEG], version=1)
+    wrong_rank.inputs["images"].CopyFrom(tf.make_tensor_proto(np.array([[GOOD_JPEG]], dtype=object), dtype=tf.string))
+    extra_input = _bytes_request([GOOD_JPEG], version=1)
+    extra_input.inputs["mask"].CopyFrom(tf.make_tensor_proto(np.zeros(1, np.float32)))
+    pixels_rank3 = _pixels_request(_photo(8, 8), version=1)
+    pixels_float = _pixels_request(_photo(8, 8)[None].astype(np.float32), version=1)
+    pixels_4ch = _pixels_request(np.zeros((1, 8, 8, 4), np.uint8), version=1)
+    huge_claim = _pixels_request(np.zeros((1, 1, 1, 3), np.uint8), version=1)
+    huge_claim.inputs["pixels"].tensor_shape.dim[1].size = 1 << 20  # one value "filling" a 2^40-pixel tensor
+    huge_claim.inputs["pixels"].tensor_shape.dim[2].size = 1 << 20
+    for label, request in (
+        ("zero-length batch", zero),
+        ("wrong dtype", wrong_dtype),
+        ("wrong rank", wrong_rank),
+        ("unexpected input", extra_input),
+        ("pixels rank 3", pixels_rank3),
+        ("pixels float32", pixels_float),
+        ("pixels 4 channels", pixels_4ch),
+        ("shape beyond the byte limit", huge_claim),
+    ):
+        err = _grpc_error(server.predict.Predict, request)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (label, err.code(), err.details())
+        assert err.details(), label
+
+    for label, body in (
+        ("zero-length instances", {"instances": []}),
+        ("zero-length inputs", {"inputs": []}),
+        ("numbers for a string input", {"instances": [1.0, 2.0]}),
+        ("wrong rank", {"inputs": [[_b64(GOOD_JPEG)]]}),
+        ("bad base64", {"instances": [{"b64": "!!!"}]}),
+        ("no instances or inputs", {"signature_name": "serving_default"}),
+        ("float pixels", {"signature_name": "embed_pixels", "instances": [[[[0.5, 0.5, 0.5]]]]}),
+        ("pixels rank 3", {"signature_name": "embed_pixels", "instances": [[[1, 2, 3]]]}),
+        ("not json", b"{this is not json"),
+        ("empty body", b""),
+    ):
+        status, payload = server.http("POST", "/v1/models/dolg/versions/1:predict", body)
+        assert status == 400 and payload["error"], (label, status, payload)
+
+    status, body = server.http("POST", "/v1/models/dolg/versions/1:predict", {"instances": [_b64(GOOD_JPEG)]})
+    assert status == 200 and len(body["predictions"]) == 1
+
+
+def test_message_size_limit(server):
+    big = os.urandom(MAX_MESSAGE + 1024)
+    assert _grpc_error(server.predict.Predict, _bytes_request([big], version=1)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status, payload = server.http("POST", "/v1/models/dolg/versions/1:predict", big)
+    assert status == 413 and "bytes" in payload["error"]
+    assert server.predict.Predict(_bytes_request([GOOD_JPEG], version=1), timeout=60).outputs["embedding"].dtype
+
+
+# --- load ---------------------------------------------------------------------------------------------
+def test_eight_concurrent_clients_fifty_requests_each(server):
+    images = [GOOD_JPEG, GOOD_PNG]
+    want = {i: server.reference(1, "serving_default", images=tf.constant([im]))[0] for i, im in enumerate(images)}
+    errors: list[str] = []
+    done = [0] * 8
+
+    def client(k: int):
+        for n in range(50):
+            i = (k + n) % 2
+            try:
+                if k % 2:  # half the clients over gRPC, half over REST
+                    got = tf.make_ndarray(
+                        server.predict.Predict(_bytes_request([images[i]], version=1), timeout=120).outputs["embedding"]
+                    )[0]
+                else:
+                    status, body = server.http("POST", "/v1/models/dolg/versions/1:predict", {"instances": [_b64(images[i])]})
+                    assert status == 200, body
+                    got = np.asarray(body["predictions"][0], np.float32)
+                if np.abs(got - want[i]).max() > 1e-5:
+                    errors.append(f"client {k} request {n}: wrong embedding")
+                done[k] += 1
+            except Exception as err:  # every failure is collected and reported
+                errors.append(f"client {k} request {n}: {err!r}")
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not errors, errors[:5]
+    assert done == [50] * 8
+
+
+# --- lifecycle (these run last: they change the server) -------------------------------------------
+def test_new_version_is_picked_up_without_restart(server):
+    keras.utils.set_random_seed(33)
+    export_saved_model(build_dolg("tiny"), server.base, version=3, **EXPORT)
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "dolg"
+    request.model_spec.version.value = 3
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            state = server.models.GetModelStatus(request, timeout=30).model_version_status[0].state
+            if state == get_model_status_pb2.ModelVersionStatus.AVAILABLE:
+                break
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"version 3 never became available:\n{server.log()}")
+    latest = server.predict.Predict(_bytes_request([GOOD_JPEG]), timeout=60)
+    assert latest.model_spec.version.value == 3
+    _assert_close(
+        tf.make_ndarray(latest.outputs["embedding"]), server.reference(3, "serving_default", images=tf.constant([GOOD_JPEG]))
+    )
+    # A half-written directory (no saved_model.pb yet) is ignored, not reported as failed.
+    os.makedirs(os.path.join(server.base, "4", "variables"))
+    time.sleep(1.5)
+    status, body = server.http("GET", "/v1/models/dolg")
+    assert status == 200 and {s["version"] for s in body["model_version_status"]} == {"1", "2", "3"}
+
+
+def test_sigterm_stops_cleanly(server):
+    server.proc.send_signal(signal.SIGTERM)
+    out, _ = server.proc.communicate(timeout=60)
+    assert server.proc.returncode == 0, server.log()
+    assert '"stopped": true' in out
