@@ -214,6 +214,26 @@ def resize_for_embedding(pixels, config: ExportConfig):
     return tf.clip_by_value(resized, 0.0, 255.0)
 
 
+def embed_reference(model, encoded_images: Sequence[bytes], config: ExportConfig | dict[str, Any]) -> np.ndarray:
+    """What an export computes, run eagerly with the Keras model (the reference the export tests compare to).
+
+    Decodes with ``tf.io.decode_image`` (3 channels, first frame), applies
+    :func:`resize_for_embedding` and the scale pyramid, one image at a time.
+    """
+    import tensorflow as tf
+
+    from dolg_tf.model.multiscale import multiscale_embed
+
+    if isinstance(config, dict):
+        config = ExportConfig.from_dict(config)
+    out = []
+    for data in encoded_images:
+        pixels = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)[None]
+        resized = resize_for_embedding(pixels, config)
+        out.append(np.asarray(multiscale_embed(model, resized, config.scales))[0])
+    return np.stack(out).astype(np.float32)
+
+
 class _ExportModule:
     """The two signature functions around a model."""
 
