@@ -394,3 +394,28 @@ def test_cli_evaluate_in_process_keras_model(tmp_path):
     data = load_revisited(tmp_path, "roxford5k")
     want = revisited_map(ranks_from_embeddings(q, db), data.gnd)
     assert metrics["medium"]["mAP"] == pytest.approx(want["medium"]["mAP"], abs=1e-6)
+
+
+def test_cli_evaluate_saved_model_through_the_client(tmp_path):
+    from dolg_tf.client import Client
+    from dolg_tf.export import export_saved_model
+    from dolg_tf.model import build_dolg
+
+    _write_dataset(tmp_path)
+    export_dir = export_saved_model(
+        build_dolg("tiny"), tmp_path / "sm", version=1, image_size=64, scales=(1.0,), max_batch_size=4,
+        warmup_batch_sizes=(),
+    )
+    save = tmp_path / "emb"
+    argv = ["evaluate", "--data", str(tmp_path), "--dataset", "roxford5k", "--saved-model", str(tmp_path / "sm"),
+            "--batch-size", "4", "--no-progress", "--save-embeddings", str(save), "--out", str(tmp_path / "m.json")]
+    assert dolg_main(argv) == 0
+    q, db = np.load(save / "queries.npy"), np.load(save / "db.npy")
+    assert q.shape[0] == 2 and db.shape[0] == 6
+    # the query went through the client cropped to its box
+    data = load_revisited(tmp_path, "roxford5k")
+    with Client(export_dir, protocol="saved_model") as client:
+        crop = load_image(data.query_path(1), data.gnd[1]["bbx"])
+        np.testing.assert_allclose(q[1], client.embed([crop])[0], atol=1e-5)
+    want = revisited_map(ranks_from_embeddings(q, db), data.gnd)
+    assert json.loads((tmp_path / "m.json").read_text())["easy"]["mAP"] == pytest.approx(want["easy"]["mAP"], abs=1e-6)

@@ -1,8 +1,9 @@
 """``dolg evaluate``: Revisited Oxford / Paris mAP (Easy / Medium / Hard) and mP@k.
 
 The embeddings come from one source: a ``.keras`` model run in-process
-(``--model``), a TF Serving server through :mod:`dolg_tf.client`
-(``--server``), or embeddings saved by an earlier run (``--embeddings``).
+(``--model``), an exported SavedModel run in-process (``--saved-model``) or a
+TF Serving server (``--server``), both through :mod:`dolg_tf.client`, or
+embeddings saved by an earlier run (``--embeddings``).
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ def _keras_embed_fn(path: str, scales):
     return lambda images: np.concatenate([embed(tf.constant(im[None], tf.float32)).numpy() for im in images])
 
 
-def _client_embed_fn(args: argparse.Namespace):
-    """Embedding through TF Serving with :class:`dolg_tf.client.Client` (imported only here)."""
+def _client(args: argparse.Namespace):
+    """A :class:`dolg_tf.client.Client` for ``--server`` or ``--saved-model`` (imported only here)."""
     from dolg_tf.client import Client
 
-    client = Client(args.server, model_name=args.model_name, protocol=args.protocol)
-    return client.embed
+    if args.saved_model:
+        return Client(args.saved_model, model_name=args.model_name, protocol="saved_model", batch_size=args.batch_size)
+    return Client(args.server, model_name=args.model_name, protocol=args.protocol, batch_size=args.batch_size)
 
 
 def _rank(query_emb, db_emb, args: argparse.Namespace):
@@ -76,13 +78,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             )
         source = f"embeddings {args.embeddings}"
     else:
+        options = dict(batch_size=args.batch_size, max_side=args.max_side, progress=not args.no_progress)
         if args.model:
-            embed_fn, source = _keras_embed_fn(args.model, args.scales), f"model {args.model}"
+            source = f"model {args.model}"
+            query_emb, db_emb = embed_revisited(data, _keras_embed_fn(args.model, args.scales), **options)
         else:
-            embed_fn, source = _client_embed_fn(args), f"server {args.server} ({args.protocol})"
-        query_emb, db_emb = embed_revisited(
-            data, embed_fn, batch_size=args.batch_size, max_side=args.max_side, progress=not args.no_progress
-        )
+            source = f"saved_model {args.saved_model}" if args.saved_model else f"server {args.server} ({args.protocol})"
+            with _client(args) as client:
+                client.check()
+                query_emb, db_emb = embed_revisited(data, lambda images: client.embed(images, progress=False), **options)
         if args.save_embeddings:
             os.makedirs(args.save_embeddings, exist_ok=True)
             np.save(os.path.join(args.save_embeddings, "queries.npy"), query_emb)
@@ -134,10 +138,11 @@ def register(sub) -> None:
     ev.add_argument("--dataset", required=True, choices=("roxford5k", "rparis6k"))
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a .keras DOLG model, run in-process")
+    source.add_argument("--saved-model", metavar="DIR", help="an exported SavedModel (version or base dir), run in-process")
     source.add_argument("--server", metavar="TARGET", help="a TF Serving address, e.g. localhost:8500 (gRPC) or :8501 (REST)")
     source.add_argument("--embeddings", metavar="DIR", help="DIR/queries.npy and DIR/db.npy from --save-embeddings")
     ev.add_argument("--protocol", choices=("grpc", "rest"), default="grpc", help="with --server (default: grpc)")
-    ev.add_argument("--model-name", default="dolg", help="served model name, with --server (default: dolg)")
+    ev.add_argument("--model-name", default="dolg", help="model name, with --server / --saved-model (default: dolg)")
     ev.add_argument("--scales", type=parse_scales, default=(0.7071, 1.0, 1.4142), help="with --model: inference scales")
     ev.add_argument("--batch-size", type=positive_int, default=8, help="images per embedding call (default: 8)")
     ev.add_argument("--max-side", type=positive_int, default=None, help="shrink images to this longer side (default: as is)")
