@@ -1,0 +1,75 @@
+"""Training data: sources (demo, GLDv2, CSV, folder, TFRecord) and tf.data pipelines.
+
+Typical use (what ``training/train.py`` does)::
+
+    from dolg_tf import data
+
+    source = data.open_source(args.data, args.data_format)    # validates now; DataError if bad
+    source.save_label_map(os.path.join(model_dir, "label_map.json"))
+    dataset = strategy.distribute_datasets_from_function(
+        lambda ctx: data.train_dataset(
+            source, batch_size=ctx.get_per_replica_batch_size(global_batch), image_size=224,
+            seed=seed, class_balanced=False, input_context=ctx, config=data_config))
+    ...
+    logging.info("%s", source.skipped.summary())             # or data.skipped_images(source)
+
+**Skipped images.** A corrupt or unreadable image (truncated JPEG, a text file named
+``.jpg``, zero bytes, a missing file, a header announcing more than
+``max_image_pixels`` pixels or a file over ``max_image_bytes``) never stops a run: it
+is dropped from the stream and counted in ``source.skipped`` (a :class:`SkipCounter`
+shared by every dataset made from that source, thread-safe). Read it at any time:
+``skipped_images(source)`` -> int, ``source.skipped.by_reason()`` -> ``{reason: n}``,
+``source.skipped.summary()`` -> a log line. The first skips are also logged one by
+one (logger ``dolg_tf.data``). Counts run ahead of training by the prefetch depth,
+and an image is counted again each epoch it is drawn. ``max_consecutive_skips``
+unreadable images in a row stop the pipeline with an error rather than spin.
+
+**Determinism.** Order and augmentation are pure functions of ``(seed, position)``
+(stateless random ops, seeded permutations; nothing depends on TF's global seed), so
+two replicas with batch ``B/2`` see exactly what one replica with batch ``B`` sees.
+
+**Demo.** ``open_source(None)`` is the built-in photos (one instance class each);
+:func:`demo_retrieval_split` + :func:`retrieval_metrics` evaluate a trained model on
+held-out numpy-made views: instance retrieval under synthetic views.
+"""
+
+from dolg_tf.data.config import FORMATS, DataConfig
+from dolg_tf.data.demo import RetrievalSplit, demo_retrieval_split, retrieval_metrics
+from dolg_tf.data.pipeline import skipped_images, train_dataset
+from dolg_tf.data.skips import SkipCounter
+from dolg_tf.data.sources import (
+    FEATURE_IMAGE,
+    FEATURE_KEY,
+    FEATURE_LABEL,
+    TFRECORD_META,
+    DemoSource,
+    FileSource,
+    TFRecordSource,
+    TrainSource,
+    detect_format,
+    open_source,
+)
+from dolg_tf.data.tfrecord import make_example, write_tfrecords
+
+__all__ = [
+    "FORMATS",
+    "DataConfig",
+    "TrainSource",
+    "DemoSource",
+    "FileSource",
+    "TFRecordSource",
+    "SkipCounter",
+    "open_source",
+    "detect_format",
+    "train_dataset",
+    "skipped_images",
+    "write_tfrecords",
+    "make_example",
+    "demo_retrieval_split",
+    "retrieval_metrics",
+    "RetrievalSplit",
+    "FEATURE_IMAGE",
+    "FEATURE_LABEL",
+    "FEATURE_KEY",
+    "TFRECORD_META",
+]

@@ -1,0 +1,170 @@
+"""``train_dataset``: batches of augmented training crops from a :class:`TrainSource`."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from dolg_tf.data.config import DataConfig
+from dolg_tf.data.images import OK, augment as augment_image
+
+END = -1  # status of the end-of-epoch marker: neither kept nor counted
+from dolg_tf.data.skips import ALL_SOURCES
+from dolg_tf.data.sources import TrainSource
+from dolg_tf.errors import ConfigError, DataError
+
+
+def _shard(ds: tf.data.Dataset, input_context: tf.distribute.InputContext, batch_size: int) -> tf.data.Dataset:
+    """Keeps this input pipeline's chunks of the global element stream.
+
+    Global batch j holds stream positions [j*B, (j+1)*B). With one pipeline, its
+    consecutive per-replica batches go to replicas 0, 1, ...; so pipeline k of W, serving
+    R = replicas/W replicas, takes the k-th chunk of R*b positions of every global
+    batch. Each replica then sees the same elements whatever the number of workers.
+    """
+    pipelines, index = input_context.num_input_pipelines, input_context.input_pipeline_id
+    chunk = batch_size * max(1, input_context.num_replicas_in_sync // pipelines)
+    return ds.filter(lambda position, handle: tf.equal((position // chunk) % pipelines, index))
+
+
+def train_dataset(
+    source: TrainSource,
+    *,
+    batch_size: int,
+    image_size: int,
+    seed: int = 0,
+    augment: bool = True,
+    class_balanced: bool = False,
+    input_context: tf.distribute.InputContext | None = None,
+    repeat: bool = True,
+    shuffle: bool = True,
+    config: DataConfig | None = None,
+) -> tf.data.Dataset:
+    """Batches of training crops.
+
+    Every element is a pure function of ``seed`` and its position in the stream:
+    the order comes from stateless seeded permutations, and each augmentation from
+    stateless random ops seeded with (seed, position). So two pipelines with batch
+    ``B/2`` produce, batch after batch, exactly the elements that one pipeline with
+    batch ``B`` produces, and a replica sees the same data whatever the number of
+    workers. (A skipped image shifts the elements after it within a pipeline.)
+
+    Args:
+        source: from :func:`dolg_tf.data.open_source`.
+        batch_size: images per batch; with ``input_context``, the per-replica batch
+            (``input_context.get_per_replica_batch_size(global_batch)``).
+        image_size: side of the square crops.
+        seed: seed of the order and of every augmentation.
+        augment: random crop, flip and colour jitter; False: the centred largest square.
+        class_balanced: every class equally often in expectation (repeat-factor sampling:
+            each example is drawn ``(N / C) / count(class)`` times per epoch, stochastically
+            rounded).
+        input_context: from ``strategy.distribute_datasets_from_function``; shards by
+            ``input_pipeline_id`` / ``num_input_pipelines``.
+        repeat: loop over epochs forever (each with its own order); False: one epoch.
+        shuffle: False keeps the source's order (evaluation, tests).
+        config: augmentation strengths and image bounds (default: ``source.config``, from
+            :func:`open_source`); its ``image_size``, ``seed`` and ``class_balanced`` are
+            ignored in favour of the arguments.
+
+    Returns:
+        A dataset of ``(images, labels)``: float32 ``(batch_size, image_size, image_size, 3)``
+        RGB in [0, 255] and int32 ``(batch_size,)``; batches are always full
+        (``drop_remainder``). Unreadable images are skipped and counted in
+        ``source.skipped`` (see :func:`skipped_images`).
+
+    Raises:
+        ConfigError: a non-positive batch or image size.
+        DataError: one epoch (``repeat=False``) holds less than one batch.
+    """
+    config = config or source.config
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(image_size, int) or image_size < 8:
+        raise ConfigError(f"image_size must be an integer >= 8, got {image_size!r}")
+    pipelines = input_context.num_input_pipelines if input_context is not None else 1
+    if not repeat and source.num_examples < batch_size * pipelines:
+        raise DataError(f"{source.description}: one epoch has fewer images than one batch "
+                        f"({batch_size} x {pipelines} pipeline(s)); use repeat=True or a smaller batch")
+
+    ds = source.ordered(epochs=None if repeat else 1, shuffle=shuffle, class_balanced=class_balanced, seed=seed,
+                        shuffle_buffer=config.shuffle_buffer, cycle_length=config.cycle_length).enumerate()
+    if pipelines > 1:
+        ds = _shard(ds, input_context, batch_size)
+
+    if not repeat:
+        # An end marker (position -1), so that images dropped at the very end of the
+        # epoch leave a gap before it and are counted too.
+        end = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), end[1])))
+
+    def load(sequence, element):
+        position, handle = element
+
+        def real():
+            status, image, label, key = source.load(handle, config.max_image_bytes, config.max_image_pixels)
+            return status, augment_image(image, position, config, image_size, seed, augment), label, key
+
+        def end_marker():
+            return (tf.constant(END, tf.int32), tf.zeros([image_size, image_size, 3]), tf.constant(0, tf.int32),
+                    tf.constant(""))
+
+        return (sequence, *tf.cond(position >= 0, real, end_marker))
+
+    # The decoder raises on truncated or corrupt files; ignore_errors drops those elements,
+    # and the gap they leave in the sequence numbers counts them.
+    ds = ds.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    ds = ds.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), _skip_counter(source, config))
+    ds = ds.filter(_is_ok).map(_drop_status)
+    ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    if input_context is not None:
+        # Sharded above; an automatic re-shard would drop data.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _is_ok(status, image, label):
+    return tf.equal(status, OK)
+
+
+def _drop_status(status, image, label):
+    return image, label
+
+
+def _skip_counter(source: TrainSource, config: DataConfig):
+    """The scan step that counts skips (python only on a skip) and stops on endless ones."""
+    counter = source.skipped
+    limit = config.max_consecutive_skips
+
+    def record(status, key, gap):
+        counter.record(int(status), key.numpy().decode("utf-8", "replace"), int(gap))
+        return np.int64(0)
+
+    def step(state, element):
+        last, run = state
+        sequence, status, image, label, key = element
+        gap = sequence - last - 1
+        bad = gap + tf.cast(tf.logical_and(tf.not_equal(status, OK), tf.not_equal(status, END)), tf.int64)
+        noted = tf.cond(bad > 0, lambda: tf.py_function(record, [status, key, gap], tf.int64),
+                        lambda: tf.constant(0, tf.int64))
+        run = tf.where(tf.equal(status, OK), tf.constant(0, tf.int64), run + bad) + noted
+        check = tf.debugging.assert_less(
+            run, tf.constant(limit, tf.int64),
+            message=f"{limit} images in a row were unreadable or out of bounds; the data looks broken "
+                    f"(see the 'skipped' warnings; DataConfig.max_consecutive_skips)")
+        with tf.control_dependencies([check]):
+            status = tf.identity(status)
+        return (sequence, run), (status, image, label)
+
+    return step
+
+
+def skipped_images(source: TrainSource | None = None) -> int:
+    """Images skipped so far by every dataset made from ``source`` (all reasons); without a
+    source, by every dataset of this process.
+
+    ``source.skipped.by_reason()`` splits the count; ``source.skipped.summary()`` is a log line.
+    """
+    return (source.skipped if source is not None else ALL_SOURCES).count
