@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from dolg_tf import cli
 from dolg_tf.demo_data import demo_photos, demo_views, synthetic_view
 from dolg_tf.errors import ConfigError, InputShapeError
 from dolg_tf.evaluate import label_retrieval_metrics, rank_by_similarity
@@ -48,26 +47,3 @@ def test_rank_by_similarity_is_stable_and_checks_shapes():
     assert rank_by_similarity(np.array([[1.0, 0.0]]), g).tolist() == [[0, 2, 1]]
     with pytest.raises(InputShapeError, match="gallery"):
         rank_by_similarity(np.zeros((1, 3)), g)
-
-
-def test_cli_demo_runs_end_to_end(capsys):
-    assert cli.main(["demo", "--image-size", "64", "--gallery-views", "1", "--scales", "1.0"]) == 0
-    summary = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert summary["queries"] == summary["photos"] >= 19
-    assert 0.0 <= summary["mAP"] <= 1.0 and summary["images_per_s"] > 0
-    assert cli.main(["demo", "--image-size", "64", "--gallery-views", "1", "--scales", "1.0"]) == 0
-    again = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert again["mAP"] == summary["mAP"]  # seeded: the untrained demo is reproducible
-
-
-def test_cli_errors_are_one_line(capsys):
-    assert cli.main(["demo", "--preset", "nope"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("dolg demo: error: unknown model preset 'nope'") and err.count("\n") == 1
-    with pytest.raises(SystemExit):
-        cli.main(["demo", "--scales", "1,-2"])
-
-
-def test_cli_info_prints_config(capsys):
-    assert cli.main(["info", "--preset", "resnet50"]) == 0
-    assert json.loads(capsys.readouterr().out)["backbone"] == "resnet50"
