@@ -1,0 +1,229 @@
+"""``dolg embed``: embed a folder, a list file or files through TF Serving (or in-process) -> ``.npy`` + ids.
+
+Inputs, mixed freely:
+
+* a folder: every ``.jpg .jpeg .png .gif .bmp`` file below it (recursively),
+  in sorted order; ids are the paths relative to the folder (prefixed with the
+  folder when several inputs are given);
+* a list file (``.txt``): one image path per line (blank lines and ``#``
+  comments skipped), relative paths taken from the list file's folder (or
+  ``--root``); ids are the lines as written;
+* an image file: itself; its id is the path as given.
+
+Writes the embeddings as a float32 ``(N, D)`` ``.npy`` (``--out``) and a JSON
+file ``{"ids": [...], "model": ..., "version": ..., ...}`` (``--ids``, default
+``<out>.ids.json``), both atomically (temporary file + rename). ``dolg index
+build`` reads both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from dolg_tf.cli.index import positive_int
+from dolg_tf.errors import DataError, InvalidImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+_MAX_LIST_BYTES = 256 << 20  # a list file is text; refuse anything absurd before reading it
+
+
+def _folder_images(folder: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                found.append(os.path.join(dirpath, name))
+    # One order whatever the file system: sorted by the path below the folder.
+    return sorted(found, key=lambda p: os.path.relpath(p, folder).split(os.sep))
+
+
+def _list_file(path: str, root: str | None) -> list[tuple[str, str]]:
+    try:
+        if os.path.getsize(path) > _MAX_LIST_BYTES:
+            raise DataError(f"list file {path!r} is larger than {_MAX_LIST_BYTES} bytes")
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read list file {path!r}: {err}") from err
+    base = root if root is not None else os.path.dirname(os.path.abspath(path))
+    out = []
+    for line in lines:
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            out.append((os.path.join(base, entry), entry))
+    return out
+
+
+def collect_inputs(inputs: list[str], root: str | None = None) -> tuple[list[str], list[str]]:
+    """Expands folders, list files and files into ``(paths, ids)``, in order.
+
+    Raises:
+        DataError: an input does not exist, a list file is unreadable, no image
+            was found, or two images got the same id.
+    """
+    paths: list[str] = []
+    ids: list[str] = []
+    for arg in inputs:
+        if os.path.isdir(arg):
+            found = _folder_images(arg)
+            if not found:
+                raise DataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found under {arg!r}")
+            for path in found:
+                rel = os.path.relpath(path, arg).replace(os.sep, "/")
+                paths.append(path)
+                ids.append(rel if len(inputs) == 1 else f"{arg.rstrip('/')}/{rel}")
+        elif arg.lower().endswith(".txt"):
+            for path, entry in _list_file(arg, root):
+                paths.append(path)
+                ids.append(entry)
+        elif os.path.exists(arg):
+            paths.append(arg)
+            ids.append(arg)
+        else:
+            raise DataError(f"no such file or folder: {arg!r}")
+    if not paths:
+        raise DataError("no images to embed")
+    seen: dict[str, int] = {}
+    for i, key in enumerate(ids):
+        if key in seen:
+            raise DataError(f"two images have the id {key!r} (inputs {seen[key]} and {i}); ids must be unique")
+        seen[key] = i
+    return paths, ids
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from dolg_tf.client import Client
+
+    if not args.out.endswith(".npy"):
+        raise DataError(f"--out must name a .npy file, got {args.out!r}")
+    ids_path = args.ids or args.out[: -len(".npy")] + ".ids.json"
+    paths, ids = collect_inputs(args.inputs, args.root)
+    options = dict(
+        model_name=args.model_name,
+        signature_name=args.signature,
+        version=args.version,
+        version_label=args.version_label,
+        timeout=args.timeout,
+        deadline=args.deadline,
+        retries=args.retries,
+        batch_size=args.batch_size,
+        max_in_flight=args.max_in_flight,
+        max_message_bytes=args.max_message_bytes,
+        progress=not args.no_progress,
+    )
+    if args.saved_model:
+        client = Client(args.saved_model, protocol="saved_model", **options)
+        source = f"saved_model:{args.saved_model}"
+    else:
+        tls = dict(
+            tls=args.tls,
+            root_certificates=args.root_certificates,
+            client_certificate=args.client_certificate,
+            client_key=args.client_key,
+        )
+        client = Client(args.server, protocol=args.protocol, **options, **tls)
+        source = f"{args.protocol}://{args.server}"
+    t0 = time.perf_counter()
+    with client:
+        info = client.check()
+        try:
+            emb = client.embed(paths)
+        except InvalidImageError as err:
+            where = paths[err.index] if err.index is not None else "request"
+            raise InvalidImageError(f"{where}: {err.reason}") from None
+    seconds = time.perf_counter() - t0
+    _atomic_write(args.out, lambda f: np.save(f, emb.astype(np.float32), allow_pickle=False))
+    meta = {
+        "ids": ids,
+        "count": len(ids),
+        "dim": int(emb.shape[1]),
+        "model": info.model_name,
+        "version": info.version,
+        "signature": info.signature_name,
+        "source": source,
+        "embeddings": os.path.basename(args.out),
+    }
+    _atomic_write(ids_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    summary = {
+        "images": len(ids),
+        "dim": int(emb.shape[1]),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(len(ids) / max(seconds, 1e-9), 2),
+        "out": args.out,
+        "ids": ids_path,
+        "model": info.model_name,
+        "version": info.version,
+        "source": source,
+    }
+    print(json.dumps(summary))
+    print(
+        f"embedded {len(ids)} images ({emb.shape[1]}-d, {info.model_name} v{info.version}) via {source} "
+        f"in {seconds:.1f} s ({summary['images_per_s']} images/s) -> {args.out}, {ids_path}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from err
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embed a folder, list file or images through TF Serving / dolg serve (or in-process) -> .npy + ids",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", help="folders, .txt list files and/or image files")
+    p.add_argument("--out", required=True, help="embeddings file to write (.npy, float32 (N, D))")
+    p.add_argument("--ids", default=None, help="ids JSON to write (default: <out without .npy>.ids.json)")
+    p.add_argument("--root", default=None, help="folder that relative paths in list files are relative to")
+    p.add_argument("--server", default="localhost:8500", help="host:port of TF Serving / dolg serve (default: localhost:8500)")
+    p.add_argument("--protocol", choices=("grpc", "rest"), default="grpc", help="grpc (port 8500) or rest (8501)")
+    p.add_argument("--saved-model", default=None, help="embed in this process with this SavedModel (base or version dir); no server")
+    p.add_argument("--model-name", default="dolg", help="served model name (default: dolg)")
+    p.add_argument("--signature", default="serving_default", help="signature name (default: serving_default)")
+    version = p.add_mutually_exclusive_group()
+    version.add_argument("--version", type=int, default=None, help="model version (default: the latest served)")
+    version.add_argument("--version-label", default=None, help="model version label, e.g. stable")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per request (default: 8)")
+    p.add_argument("--max-in-flight", type=positive_int, default=2, help="concurrent requests (default: 2)")
+    p.add_argument("--max-message-bytes", type=positive_int, default=4 << 20, help="largest request (default: 4 MiB)")
+    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per request attempt (default: 60)")
+    p.add_argument("--deadline", type=_seconds, default=120.0, help="seconds per request, retries included (default: 120)")
+    p.add_argument("--retries", type=int, default=10, help="retries of an unavailable / timed-out request (default: 10)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+    p.add_argument("--root-certificates", default=None, help="CA bundle (PEM) for TLS")
+    p.add_argument("--client-certificate", default=None, help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--client-key", default=None, help="client private key (PEM) for mutual TLS")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_embed)

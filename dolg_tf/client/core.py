@@ -1,0 +1,510 @@
+"""The DOLG embedding client: images in, L2-normalised embeddings out, over TF Serving's APIs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import numpy as np
+
+from dolg_tf.client.inputs import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    Limits,
+    as_item_list,
+    precheck,
+    prepare,
+)
+from dolg_tf.client.transports import (
+    GrpcTransport,
+    ModelInfo,
+    ModelSpec,
+    Rejected,
+    RestTransport,
+    TlsOptions,
+    TooLarge,
+    Transient,
+    check_signature,
+)
+from dolg_tf.errors import ClientError, ConfigError, InvalidImageError, ModelNotFoundError, ServerUnavailableError
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("grpc", "rest", "saved_model")
+DEFAULT_TARGETS = {"grpc": "localhost:8500", "rest": "localhost:8501"}
+# gRPC's stock server limit (TF Serving itself accepts up to 2 GiB): the default
+# works with any server; raise it for big batches of big images.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+ProgressArg = bool | Callable[[int, int | None], Any]
+
+
+def pack_requests(
+    items: Iterable[tuple[int, bytes]],
+    batch_size: int | Callable[[], int],
+    max_message_bytes: int,
+    item_cost: Callable[[int], int],
+    fixed_cost: int,
+) -> Iterator[list[tuple[int, bytes]]]:
+    """Groups encoded images, in order, into requests of at most ``batch_size`` images and ``max_message_bytes``.
+
+    Args:
+        items: ``(index, encoded bytes)`` pairs.
+        batch_size: most images per request, or a callable giving the current limit.
+        max_message_bytes: the message-size limit a request must stay under.
+        item_cost: bytes one image of ``n`` encoded bytes adds to a request.
+        fixed_cost: bytes of a request with no image.
+
+    Yields:
+        Lists of ``(index, bytes)``, consecutive and in input order.
+
+    Raises:
+        InvalidImageError: one image alone makes a request over the limit.
+    """
+    limit = batch_size if callable(batch_size) else (lambda: batch_size)
+    batch: list[tuple[int, bytes]] = []
+    size = fixed_cost
+    for index, data in items:
+        cost = item_cost(len(data))
+        if fixed_cost + cost > max_message_bytes:
+            raise InvalidImageError(
+                f"its {len(data)} encoded bytes make a request of about {fixed_cost + cost} bytes, over "
+                f"max_message_bytes={max_message_bytes}; raise max_message_bytes (the server must accept it too)"
+                " or send a smaller image",
+                index,
+            )
+        if batch and (len(batch) >= limit() or size + cost > max_message_bytes):
+            yield batch
+            batch, size = [], fixed_cost
+        batch.append((index, data))
+        size += cost
+    if batch:
+        yield batch
+
+
+class _Progress:
+    """Progress over images: a tqdm bar, a plain stderr line when tqdm is missing, a callback, or nothing."""
+
+    def __init__(self, progress: ProgressArg, total: int | None):
+        self.done = 0
+        self.total = total
+        self._callback = progress if callable(progress) else None
+        self._bar = None
+        self._text = False
+        self._last = 0.0
+        self._start = time.monotonic()
+        if progress is True:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                self._text = True
+            else:
+                self._bar = tqdm(total=total, unit="img", desc="embed", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self._text:
+            now = time.monotonic()
+            if now - self._last >= 0.5 or self.done == self.total:
+                self._last = now
+                rate = self.done / max(now - self._start, 1e-9)
+                of = f"/{self.total}" if self.total is not None else ""
+                sys.stderr.write(f"\rembed: {self.done}{of} images, {rate:.1f} img/s")
+                sys.stderr.flush()
+        if self._callback is not None:
+            self._callback(self.done, self.total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._text and self.done:
+            sys.stderr.write("\n")
+
+
+class Client:
+    """Embeds images with a DOLG model served by TF Serving (or ``dolg serve``), over gRPC or REST.
+
+    The client speaks only TF Serving's public APIs (``PredictionService``
+    ``Predict`` / ``GetModelMetadata`` over gRPC with the ``tensorflow-serving-api``
+    stubs; ``/v1/models/...`` over REST). On first use it fetches the model's
+    metadata once and checks that the signature takes ``images`` (DT_STRING,
+    encoded images) and returns ``embedding`` (DT_FLOAT, ``[N, D]``). One gRPC
+    channel or HTTP session is kept for the client's life: use it as a context
+    manager or call :meth:`close`.
+
+    Args:
+        target: ``host:port`` (default ``localhost:8500`` for gRPC,
+            ``localhost:8501`` for REST; REST also takes an ``http(s)://`` URL).
+            For ``protocol="saved_model"``: the SavedModel (or base) directory.
+        model_name: the served model's name.
+        signature_name: the signature to call (must be a DOLG ``images`` ->
+            ``embedding`` signature).
+        protocol: ``"grpc"``, ``"rest"``, or ``"saved_model"`` (no server: run
+            the SavedModel in this process with TensorFlow).
+        version: ask for this model version (default: the server's choice, the latest).
+        version_label: ask for the version with this label (e.g. ``"stable"``);
+            exclusive with ``version``.
+        timeout: seconds allowed for one request attempt.
+        retries: how many times one request is retried after UNAVAILABLE /
+            DEADLINE_EXCEEDED (REST: 429, 502, 503, 504, connection errors).
+        deadline: seconds one request may take in total, retries and backoff
+            included; past it, :class:`ServerUnavailableError`.
+        backoff: first retry delay in seconds; it doubles each retry up to
+            ``max_backoff``, each delay scaled by a random factor in [0.5, 1]
+            (jitter) so that many clients do not retry in step.
+        max_backoff: longest delay between two attempts.
+        tls: use TLS (implied by the certificate options).
+        root_certificates: CA certificates (PEM bytes or path); default: the system's.
+        client_certificate: client certificate chain for mutual TLS (PEM bytes or path).
+        client_key: private key of ``client_certificate`` (PEM bytes or path).
+        server_name: name to check in the server's certificate (gRPC; for IPs and tunnels).
+        credentials: ready-made ``grpc.ChannelCredentials`` (gRPC; overrides the TLS options).
+        headers: extra request metadata / HTTP headers (e.g. ``{"authorization": "Bearer ..."}``).
+        max_message_bytes: largest request sent; requests are split to stay under it.
+        batch_size: most images per request (the export refuses more than its
+            ``max_batch_size``, 32 by default).
+        max_in_flight: requests sent concurrently (1: one at a time, while the
+            next batch is read and encoded).
+        max_image_bytes: largest encoded image accepted (the server's limit).
+        max_image_pixels: largest image (height x width) accepted (the server's limit).
+        progress: default for :meth:`embed`'s ``progress``.
+
+    Example:
+
+    ```python
+    from dolg_tf.client import Client
+
+    with Client("localhost:8500") as client:
+        emb = client.embed(["a.jpg", "b.png", pil_image, uint8_array])  # (4, 512), rows unit-norm
+    ```
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike | None = None,
+        model_name: str = "dolg",
+        signature_name: str = "serving_default",
+        protocol: str = "grpc",
+        version: int | None = None,
+        version_label: str | None = None,
+        *,
+        timeout: float = 60.0,
+        retries: int = 10,
+        deadline: float = 120.0,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+        tls: bool = False,
+        root_certificates: bytes | str | os.PathLike | None = None,
+        client_certificate: bytes | str | os.PathLike | None = None,
+        client_key: bytes | str | os.PathLike | None = None,
+        server_name: str | None = None,
+        credentials: Any = None,
+        headers: Mapping[str, str] | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        batch_size: int = 8,
+        max_in_flight: int = 1,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        progress: ProgressArg = False,
+    ):
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if not isinstance(model_name, str) or not model_name:
+            raise ConfigError(f"model_name must be a non-empty string, got {model_name!r}")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
+            raise ConfigError(f"version must be a non-negative int, got {version!r}")
+        if version is not None and version_label:
+            raise ConfigError("give either version or version_label, not both")
+        for name, value in (("timeout", timeout), ("deadline", deadline), ("backoff", backoff), ("max_backoff", max_backoff)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        for name, value in (
+            ("retries", retries),
+            ("max_message_bytes", max_message_bytes),
+            ("batch_size", batch_size),
+            ("max_in_flight", max_in_flight),
+            ("max_image_bytes", max_image_bytes),
+            ("max_image_pixels", max_image_pixels),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "retries" else 1):
+                raise ConfigError(f"{name} must be a {'non-negative' if name == 'retries' else 'positive'} int, got {value!r}")
+        if credentials is not None and protocol != "grpc":
+            raise ConfigError("credentials (grpc.ChannelCredentials) apply to protocol='grpc' only")
+        if target is None:
+            if protocol == "saved_model":
+                raise ConfigError("protocol='saved_model' needs target=<SavedModel directory>")
+            target = DEFAULT_TARGETS[protocol]
+        self.target = os.fspath(target)
+        self.protocol = protocol
+        self.spec = ModelSpec(model_name, signature_name, version, version_label)
+        self.timeout = float(timeout)
+        self.retries = retries
+        self.deadline = float(deadline)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight
+        self.progress = progress
+        self.limits = Limits(max_image_bytes, max_image_pixels)
+        # Lowered when the server refuses a whole batch but accepts its halves (its batch limit is smaller).
+        self._batch_limit = batch_size
+        self._info: ModelInfo | None = None
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._warned_norm = False
+        tls_options = TlsOptions(tls, root_certificates, client_certificate, client_key, server_name)
+        if protocol == "grpc":
+            self._transport = GrpcTransport(
+                self.target, self.spec, max_message_bytes=max_message_bytes, tls=tls_options,
+                credentials=credentials, headers=headers,
+            )
+        elif protocol == "rest":
+            self._transport = RestTransport(
+                self.target, self.spec, max_message_bytes=max_message_bytes, tls=tls_options,
+                headers=headers, pool_size=max(4, max_in_flight),
+            )
+        else:
+            from dolg_tf.client.local import SavedModelTransport
+
+            self._transport = SavedModelTransport(self.target, self.spec)
+        self.max_message_bytes = min(max_message_bytes, self._transport.max_message_bytes)
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Closes the channel / HTTP session. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client(target={self.target!r}, protocol={self.protocol!r}, {self.spec.describe()})"
+
+    # ------------------------------------------------------------------ calls
+    def _retrying(self, call: Callable[[float], Any]) -> Any:
+        """Runs ``call(attempt_timeout)``, retrying :class:`Transient` failures with backoff inside the deadline."""
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            remaining = self.deadline - (time.monotonic() - start)
+            try:
+                return call(max(0.05, min(self.timeout, remaining)))
+            except Transient as err:
+                attempt += 1
+                elapsed = time.monotonic() - start
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                if attempt > self.retries or elapsed + delay >= self.deadline:
+                    raise ServerUnavailableError(
+                        f"{err} (gave up after {attempt} attempt(s) in {elapsed:.1f} s; "
+                        f"retries={self.retries}, deadline={self.deadline:g} s)"
+                    ) from None
+                log.warning("%s; retry %d of %d in %.2f s", err, attempt, self.retries, delay)
+                time.sleep(delay)
+
+    def check(self) -> ModelInfo:
+        """Fetches the model's metadata (once) and checks it is a DOLG embedding signature.
+
+        Returns:
+            The :class:`ModelInfo` (name, version, signature, embedding size).
+
+        Raises:
+            ModelNotFoundError: unknown model / version / label / signature, or
+                not a DOLG embedding signature.
+            ServerUnavailableError: the server stayed unreachable past the deadline.
+        """
+        if self._closed:
+            raise ClientError("the client is closed")
+        with self._lock:
+            if self._info is None:
+                try:
+                    signature_map, version = self._retrying(self._transport.metadata)
+                except Rejected as err:  # e.g. TF Serving's answer to an unknown version label
+                    raise ModelNotFoundError(f"{self.spec.describe()} refused by {self.target}: {err}") from None
+                dim = check_signature(signature_map, self.spec)
+                self._info = ModelInfo(self.spec.name, version, self.spec.signature_name, dim)
+                log.info("%s at %s (%s): version %s, embedding size %s", self.spec.describe(), self.target,
+                         self.protocol, version, dim)
+        return self._info
+
+    @property
+    def info(self) -> ModelInfo:
+        """The served model's :class:`ModelInfo` (fetched on first access)."""
+        return self.check()
+
+    def _send(self, batch: list[tuple[int, bytes]]) -> np.ndarray:
+        """Embeds one request's images; on a refusal, splits it to name the image at fault."""
+        blobs = [data for _, data in batch]
+        try:
+            emb = self._retrying(lambda timeout: self._transport.predict(blobs, timeout))
+        except Rejected as err:
+            if len(batch) == 1:
+                raise InvalidImageError(f"rejected by the server: {_server_reason(err)}", batch[0][0]) from None
+            refused = f"a batch of {len(batch)} images was refused ({_server_reason(err)})"
+        except TooLarge as err:
+            if len(batch) == 1:
+                raise InvalidImageError(
+                    f"a request holding only this image is over a message-size limit: {err}", batch[0][0]
+                ) from None
+            refused = None
+        else:
+            return self._checked(emb, len(batch))
+        half = len(batch) // 2
+        parts = [self._send(batch[:half]), self._send(batch[half:])]
+        if refused is not None:
+            # Both halves went through: the server refuses the batch size itself.
+            accepted = len(batch) - half
+            if accepted < self._batch_limit:
+                self._batch_limit = accepted
+                log.warning("%s but its halves were accepted: sending at most %d images per request", refused, accepted)
+        return np.concatenate(parts)
+
+    def _checked(self, emb: np.ndarray, n: int) -> np.ndarray:
+        info = self._info
+        if emb.shape[0] != n or (info is not None and info.embedding_dim and emb.shape[1] != info.embedding_dim):
+            raise ClientError(f"the server returned embeddings of shape {emb.shape} for {n} images")
+        if not self._warned_norm and not np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3):
+            self._warned_norm = True
+            log.warning("the served model's embeddings are not unit-norm; is it a DOLG export?")
+        return emb
+
+    def embed(self, images: Any, *, progress: ProgressArg | None = None) -> np.ndarray:
+        """Embeds images, in order.
+
+        Args:
+            images: one image or an iterable of images, kinds mixed freely: file
+                paths (``str`` / ``pathlib.Path``), encoded JPEG / PNG / GIF / BMP
+                ``bytes``, numpy ``uint8`` arrays ``(H, W)``, ``(H, W, 1)`` or
+                ``(H, W, 3)`` (RGB), PIL images; a 4-D ``(N, H, W, 3)`` uint8 array
+                is N images. Arrays and PIL images are sent as lossless PNG.
+            progress: True: a progress bar (tqdm, or a plain stderr line);
+                a callable: called as ``progress(done, total)`` after each
+                request; default: the client's ``progress``.
+
+        Returns:
+            float32 array ``(N, D)``, one L2-normalised row per image, in input order
+            (``(1, D)`` for a single image).
+
+        Raises:
+            InvalidImageError: an image is missing, unreadable, not an image,
+                too large, or refused by the server; ``.index`` names it.
+            ModelNotFoundError: see :meth:`check`.
+            ServerUnavailableError: a request kept failing until its deadline.
+        """
+        items, _ = as_item_list(images)
+        if isinstance(items, Sequence):
+            for index, item in enumerate(items):  # cheap checks first: fail before any server work
+                precheck(item, index, self.limits)
+        info = self.check()
+        total = len(items) if isinstance(items, Sequence) else None
+        bar = _Progress(self.progress if progress is None else progress, total)
+        try:
+            parts = self._embed_batches(items, bar)
+        finally:
+            bar.close()
+        if not parts:
+            return np.zeros((0, info.embedding_dim or 0), np.float32)
+        return np.concatenate([emb for _, emb in sorted(parts, key=lambda p: p[0])])
+
+    def _embed_batches(self, items: Iterable[Any], bar: _Progress) -> list[tuple[int, np.ndarray]]:
+        encoded = ((i, prepare(item, i, self.limits)) for i, item in enumerate(items))
+        batches = pack_requests(
+            encoded, lambda: self._batch_limit, self.max_message_bytes,
+            self._transport.item_cost, self._transport.fixed_cost(),
+        )
+        if self.max_in_flight == 1 and self.protocol == "saved_model":
+            # In-process: nothing to overlap with, keep it on this thread.
+            parts = []
+            for batch in batches:
+                parts.append((batch[0][0], self._send(batch)))
+                bar.update(len(batch))
+            return parts
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="dolg-client")
+        parts: list[tuple[int, np.ndarray]] = []
+        pending: dict[Future, list[tuple[int, bytes]]] = {}
+        errors: list[BaseException] = []
+
+        def collect(done) -> None:
+            for fut in done:
+                batch = pending.pop(fut)
+                if fut.cancelled():
+                    continue
+                if fut.exception() is not None:
+                    errors.append(fut.exception())
+                else:
+                    parts.append((batch[0][0], fut.result()))
+                    bar.update(len(batch))
+
+        try:
+            for batch in batches:
+                # The next batch is read and encoded while max_in_flight requests run.
+                while len(pending) >= self.max_in_flight:
+                    collect(wait(pending, return_when=FIRST_COMPLETED)[0])
+                if errors:
+                    break
+                pending[self._pool.submit(self._send, batch)] = batch
+        except InvalidImageError as err:  # a local check failed: let earlier requests report first
+            errors.append(err)
+        finally:
+            if errors or sys.exc_info()[0] is not None:
+                for fut in pending:
+                    fut.cancel()
+            collect(wait(pending)[0])
+        if errors:
+            raise min(errors, key=_error_order)
+        return parts
+
+
+def _server_reason(err: Exception) -> str:
+    """A server's INVALID_ARGUMENT text without TF's node trace or the index within the sub-request."""
+    text = re.split(r"\s*\[\[\{\{node ", str(err), maxsplit=1)[0].strip()
+    text = re.sub(r"^assertion failed: \[(.*)\]$", r"\1", text, flags=re.S)
+    return re.sub(r"\b(images|pixels)\[\d+\]: ", "", text)
+
+
+def _error_order(err: BaseException) -> tuple[int, float]:
+    """Reports the lowest-indexed image error first; other errors before image errors."""
+    index = getattr(err, "index", None)
+    return (1, index) if isinstance(err, InvalidImageError) and index is not None else (0, 0)
+
+
+def embed(images: Any, **client_options: Any) -> np.ndarray:
+    """Embeds images with a one-off :class:`Client` (``Client(**client_options).embed(images)``).
+
+    Args:
+        images: see :meth:`Client.embed`.
+        **client_options: :class:`Client` arguments (``target``, ``protocol``,
+            ``model_name``, ``batch_size``, ``progress``...).
+
+    Returns:
+        float32 ``(N, D)``, L2-normalised rows in input order.
+
+    Example:
+
+    ```python
+    import dolg_tf.client
+
+    emb = dolg_tf.client.embed(["query.jpg"], target="localhost:8500")
+    ```
+    """
+    with Client(**client_options) as client:
+        return client.embed(images)

@@ -1,0 +1,493 @@
+"""dolg_tf.client and ``dolg embed``: unit checks without a server, then against a real ``dolg serve``.
+
+The server tests export one tiny model (64-pixel images, two scales, at most 4
+images per request) and run ``dolg serve`` as a subprocess on loopback. Every
+embedding is compared with the same SavedModel called in this process: the
+``serving_default`` signature on the same bytes for files and bytes, and the
+``embed_pixels`` signature on the raw pixels for arrays and PIL images (so the
+PNG the client sends is proven lossless). The last server test kills the
+server in the middle of a call and starts it again on the same ports.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import dolg_tf.client as dc
+from dolg_tf.cli import main as cli_main
+from dolg_tf.client import Client, pack_requests, prepare
+from dolg_tf.client.inputs import Limits, precheck
+from dolg_tf.client.transports import GrpcTransport, RestTransport
+from dolg_tf.errors import ClientError, ConfigError, InvalidImageError, ModelNotFoundError, ServerUnavailableError
+
+EXPORT = dict(image_size=64, scales=(0.7071, 1.0), max_batch_size=4)
+START_TIMEOUT_S = 180
+ATOL = 1e-5
+
+
+# --- images ---------------------------------------------------------------------------------
+def _photo(h: int = 40, w: int = 56, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], -1)
+    return np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _encode(image, fmt: str, **kw) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- units: no server -------------------------------------------------------------------------
+def test_import_loads_neither_tensorflow_nor_keras_nor_the_model():
+    code = (
+        "import sys, time; t = time.perf_counter(); import dolg_tf.client; dt = time.perf_counter() - t\n"
+        "heavy = sorted(m for m in ('tensorflow', 'keras', 'dolg_tf.model', 'tensorflow.python') if m in sys.modules)\n"
+        "print(heavy, round(dt, 3))\n"
+        # TensorFlow imported afterwards must be whole, and build the same TensorProto class.
+        "import numpy as np, tensorflow as tf\n"
+        "from dolg_tf.client import _protos as pb\n"
+        "p = tf.make_tensor_proto(np.zeros((2, 3), np.float32))\n"
+        "r = pb.predict_pb2.PredictRequest(); r.inputs['x'].CopyFrom(p)\n"
+        "print(type(p) is type(r.inputs['x']), tf.make_ndarray(r.inputs['x']).shape)\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="-1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, second = out.stdout.strip().splitlines()[-2:]
+    assert first.startswith("[]"), f"importing dolg_tf.client imported {first}"
+    assert second == "True (2, 3)"
+
+
+def test_prepare_sends_files_and_bytes_unchanged_and_arrays_as_lossless_png(tmp_path):
+    rgb = _photo()
+    jpeg = _encode(rgb, "JPEG", quality=90)
+    (tmp_path / "a.jpg").write_bytes(jpeg)
+    assert prepare(str(tmp_path / "a.jpg"), 0) == jpeg
+    assert prepare(tmp_path / "a.jpg", 0) == jpeg
+    assert prepare(bytearray(jpeg), 0) == jpeg
+    for item, expected in (
+        (rgb, rgb),
+        (rgb[::2, ::3], rgb[::2, ::3]),  # non-contiguous view
+        (rgb[..., 0], rgb[..., 0]),
+        (rgb[..., :1], rgb[..., 0]),
+        (Image.fromarray(rgb), rgb),
+        (Image.fromarray(rgb).convert("RGBA"), rgb),  # alpha dropped, as the server's decoder does
+        (Image.fromarray(rgb).convert("P"), np.asarray(Image.fromarray(rgb).convert("P").convert("RGB"))),
+    ):
+        data = prepare(item, 3)
+        assert data[:4] == b"\x89PNG"
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), expected)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose IHDR (CRC fixed up) claims ``width x height``."""
+    data = bytearray(_encode(_photo(8, 8), "PNG"))
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda d: str(d / "missing.jpg"), "no such file"),
+        (lambda d: str(d), "not a regular file"),
+        (lambda d: b"", "empty image bytes"),
+        (lambda d: b"hello, not an image", "not a JPEG, PNG, GIF or BMP"),
+        (lambda d: _encode(_photo(), "PNG")[:200], "corrupt or unreadable PNG"),
+        (lambda d: _encode(_photo(), "TIFF"), "not a JPEG, PNG, GIF or BMP"),
+        (lambda d: _png_claiming(30000, 30000), "decompression bomb"),
+        (lambda d: _png_claiming(8000, 6000), "48000000 pixels, over the server's limit of 40000000"),
+        (lambda d: _photo().astype(np.float32), "must be uint8"),
+        (lambda d: np.zeros((8, 8, 4), np.uint8), r"shape \(H, W\)"),
+        (lambda d: np.zeros((0, 8, 3), np.uint8), "empty image size"),
+        (lambda d: Image.new("I;16", (8, 8)), "not 8-bit"),
+        (lambda d: 42, "unsupported input type int"),
+    ],
+)
+def test_prepare_refuses_bad_inputs_naming_the_index(tmp_path, make, reason):
+    item = make(tmp_path)
+    with pytest.raises(InvalidImageError, match=reason) as info:
+        prepare(item, 7)
+    assert info.value.index == 7 and str(info.value).startswith("image 7: ")
+
+
+def test_prepare_enforces_the_servers_byte_and_pixel_limits(tmp_path):
+    png = _encode(_photo(40, 56), "PNG")
+    (tmp_path / "a.png").write_bytes(png)
+    small = Limits(max_image_bytes=len(png) - 1, max_image_pixels=10_000)
+    for item in (png, str(tmp_path / "a.png")):
+        with pytest.raises(InvalidImageError, match="over the server's limit") as info:
+            prepare(item, 2, small)
+        assert info.value.index == 2
+        with pytest.raises(InvalidImageError, match="over the server's limit"):
+            precheck(item, 2, small)
+    with pytest.raises(InvalidImageError, match="2240 pixels, over the server's limit of 2000"):
+        prepare(_photo(40, 56), 1, Limits(max_image_pixels=2000))
+
+
+def test_pack_requests_keeps_order_and_respects_batch_and_byte_limits():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 900, 200)
+    items = [(i, b"x" * int(n)) for i, n in enumerate(sizes)]
+    for batch_size, max_bytes in ((1, 10_000), (4, 2_000), (16, 2_500), (1000, 1_000)):
+        batches = list(pack_requests(iter(items), batch_size, max_bytes, GrpcTransport.item_cost, 50))
+        assert [i for b in batches for i, _ in b] == list(range(len(items)))
+        for b in batches:
+            assert 1 <= len(b) <= batch_size
+            assert 50 + sum(GrpcTransport.item_cost(len(d)) for _, d in b) <= max_bytes
+        # Greedy: a batch is closed only when the next image would not fit.
+        for b, nxt in zip(batches, batches[1:]):
+            cost = 50 + sum(GrpcTransport.item_cost(len(d)) for _, d in b)
+            assert len(b) == batch_size or cost + GrpcTransport.item_cost(len(nxt[0][1])) > max_bytes
+    rest = list(pack_requests(iter(items), 1000, 3_000, RestTransport.item_cost, 50))
+    grpc_ = list(pack_requests(iter(items), 1000, 3_000, GrpcTransport.item_cost, 50))
+    assert len(rest) > len(grpc_)  # base64 JSON is a third larger
+    with pytest.raises(InvalidImageError, match="over max_message_bytes=500") as info:
+        list(pack_requests(iter([(0, b"x" * 10), (1, b"x" * 600)]), 8, 500, GrpcTransport.item_cost, 50))
+    assert info.value.index == 1
+
+
+def test_client_rejects_bad_options():
+    for kwargs, match in (
+        (dict(protocol="http"), "protocol"),
+        (dict(version=1, version_label="stable"), "either version or version_label"),
+        (dict(timeout=0), "timeout"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(retries=-1), "retries"),
+        (dict(protocol="rest", target="ftp://x:1"), "http"),
+        (dict(protocol="rest", credentials=object()), "credentials"),
+        (dict(protocol="saved_model"), "SavedModel directory"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            Client(**kwargs)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_unreachable_server_raises_server_unavailable_within_the_deadline(protocol):
+    port = _free_port()  # closed again: nothing listens there
+    with Client(f"127.0.0.1:{port}", protocol=protocol, deadline=1.5, backoff=0.05) as client:
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnavailableError, match="gave up after") as info:
+            client.embed([_photo()])
+        elapsed = time.monotonic() - t0
+    assert isinstance(info.value, ClientError)
+    assert elapsed < 1.5 + 1.0, elapsed
+
+
+def test_local_checks_run_over_the_whole_list_before_contacting_the_server(tmp_path):
+    # The server is unreachable: only a check made before any request can name index 2.
+    port = _free_port()
+    items = [_photo(), _encode(_photo(), "PNG"), str(tmp_path / "typo.jpg"), _photo()]
+    with Client(f"127.0.0.1:{port}", deadline=30) as client:
+        t0 = time.monotonic()
+        with pytest.raises(InvalidImageError, match="no such file") as info:
+            client.embed(items)
+        assert time.monotonic() - t0 < 5
+    assert info.value.index == 2
+
+
+# --- against a real dolg serve ------------------------------------------------------------------
+class ServeProcess:
+    """A ``dolg serve`` subprocess that can be killed and started again on the same ports."""
+
+    def __init__(self, base: str, log_path: str):
+        self.base, self.log_path = base, log_path
+        self.grpc_port = self.rest_port = 0
+        self.proc: subprocess.Popen | None = None
+        self.start()
+        self.wait_ready()
+
+    def start(self) -> None:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
+        cmd = [
+            sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
+            "serve", "--model-base-path", self.base, "--port", str(self.grpc_port),
+            "--rest-api-port", str(self.rest_port), "--poll-seconds", "0",
+            "--tensorflow-intra-op-parallelism", "1", "--tensorflow-inter-op-parallelism", "2",
+        ]  # fmt: skip
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        log.close()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dolg serve exited with {self.proc.returncode}:\n{self.log()}")
+            if select.select([self.proc.stdout], [], [], 0.5)[0]:
+                line = self.proc.stdout.readline()
+                if line.startswith("{"):
+                    ready = json.loads(line)
+                    self.grpc_port, self.rest_port = ready["grpc_port"], ready["rest_port"]
+                    return
+        raise AssertionError(f"dolg serve did not report its ports in {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+    def target(self, protocol: str) -> str:
+        return f"127.0.0.1:{self.grpc_port if protocol == 'grpc' else self.rest_port}"
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def export_base(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("client") / "dolg")
+    keras.utils.set_random_seed(5)
+    from dolg_tf.export import export_saved_model
+    from dolg_tf.model import build_dolg
+
+    export_saved_model(build_dolg("tiny"), base, version=1, **EXPORT)
+    return base
+
+
+@pytest.fixture(scope="module")
+def reference(export_base):
+    loaded = tf.saved_model.load(os.path.join(export_base, "1"))
+
+    def from_bytes(data: bytes) -> np.ndarray:
+        return loaded.signatures["serving_default"](images=tf.constant([data]))["embedding"].numpy()[0]
+
+    def from_pixels(pixels: np.ndarray) -> np.ndarray:
+        if pixels.ndim == 2:
+            pixels = np.repeat(pixels[..., None], 3, axis=-1)
+        return loaded.signatures["embed_pixels"](pixels=tf.constant(pixels[None]))["embedding"].numpy()[0]
+
+    return from_bytes, from_pixels
+
+
+@pytest.fixture(scope="module")
+def server(export_base, tmp_path_factory):
+    srv = ServeProcess(export_base, str(tmp_path_factory.mktemp("client-log") / "serve.log"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, reference):
+    """Ten inputs of every kind, and each one's in-process reference embedding."""
+    from_bytes, from_pixels = reference
+    folder = tmp_path_factory.mktemp("mixed")
+    jpeg = _encode(_photo(seed=1), "JPEG", quality=90)
+    png = _encode(_photo(30, 44, seed=2), "PNG")
+    gif = _encode(Image.fromarray(_photo(seed=3)).convert("P"), "GIF")
+    bmp = _encode(_photo(seed=4), "BMP")
+    (folder / "a.jpg").write_bytes(jpeg)
+    (folder / "b.png").write_bytes(png)
+    rgb, gray = _photo(seed=5), _photo(seed=6)[..., 1]
+    pil, pil_rgba = Image.fromarray(_photo(seed=7)), Image.fromarray(_photo(seed=8)).convert("RGBA")
+    items = [str(folder / "a.jpg"), folder / "b.png", gif, bmp, rgb, gray, pil, pil_rgba, jpeg, rgb[:17, :9]]
+    expected = [
+        from_bytes(jpeg), from_bytes(png), from_bytes(gif), from_bytes(bmp), from_pixels(rgb), from_pixels(gray),
+        from_pixels(np.asarray(pil)), from_pixels(np.asarray(pil_rgba.convert("RGB"))), from_bytes(jpeg),
+        from_pixels(np.ascontiguousarray(rgb[:17, :9])),
+    ]  # fmt: skip
+    return items, np.stack(expected)
+
+
+integration = pytest.mark.integration
+
+
+@integration
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_every_input_kind_matches_the_in_process_saved_model(server, mixed, protocol):
+    items, expected = mixed
+    with Client(server.target(protocol), protocol=protocol, batch_size=4, max_in_flight=2) as client:
+        info = client.check()
+        assert (info.model_name, info.version, info.embedding_dim) == ("dolg", 1, expected.shape[1])
+        emb = client.embed(items)
+        assert emb.dtype == np.float32 and emb.shape == expected.shape
+        np.testing.assert_allclose(emb, expected, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+        # Order is kept whatever the batching: reversed input, reversed rows.
+        np.testing.assert_allclose(client.embed(items[::-1]), expected[::-1], atol=ATOL, rtol=0)
+        # One image in, one row out; a 4-D array is a batch.
+        np.testing.assert_allclose(client.embed(items[0]), expected[:1], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(client.embed(np.stack([items[4], items[4]])), expected[[4, 4]], atol=ATOL, rtol=0)
+        assert client.embed([]).shape == (0, expected.shape[1])
+    np.testing.assert_allclose(
+        dc.embed(items[:3], target=server.target(protocol), protocol=protocol), expected[:3], atol=ATOL, rtol=0
+    )
+
+
+@integration
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_an_image_the_server_refuses_is_named_by_its_index(server, mixed, protocol):
+    items, expected = mixed
+    good = _encode(_photo(seed=9), "JPEG")
+    truncated = good[: len(good) // 2]  # a valid header: passes the local checks, fails to decode
+    batch = [items[0], items[4], good, items[6], good, truncated, items[1]]
+    with Client(server.target(protocol), protocol=protocol, batch_size=4) as client:
+        with pytest.raises(InvalidImageError, match="rejected by the server: .*JPEG") as info:
+            client.embed(batch)
+        assert info.value.index == 5
+        assert "[[" not in str(info.value)  # TF's node trace is cut off
+        # A bad item detected locally is named too, and the client keeps working afterwards.
+        with pytest.raises(InvalidImageError, match="not a JPEG") as info:
+            client.embed([items[0], items[1], b"plain text"])
+        assert info.value.index == 2
+        np.testing.assert_allclose(client.embed(items[:2]), expected[:2], atol=ATOL, rtol=0)
+
+
+@integration
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_unknown_model_version_or_signature_is_model_not_found(server, protocol):
+    target = server.target(protocol)
+    for kwargs, match in (
+        (dict(model_name="resnet"), "model 'resnet' not found"),
+        (dict(version=9), "version 9 not found"),
+        (dict(version_label="canary"), "not found"),
+        (dict(signature_name="nope"), "has no signature 'nope'"),
+        (dict(signature_name="embed_pixels"), "not a DOLG embedding model"),
+    ):
+        with pytest.raises(ModelNotFoundError, match=match):
+            dc.embed([_photo()], target=target, protocol=protocol, deadline=30, **kwargs)
+    assert Client(target, protocol=protocol, version=1).check().version == 1
+
+
+@integration
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_large_calls_are_split_under_the_message_limit_and_the_servers_batch_limit(server, reference, protocol):
+    from_bytes, from_pixels = reference
+    noise = [np.random.default_rng(s).integers(0, 256, (60, 60, 3), dtype=np.uint8) for s in range(9)]
+    expected = np.stack([from_pixels(x) for x in noise])
+    sizes = []
+    # A noise PNG is ~11 KB (~14.5 KB as base64): 32 KiB holds 2 per request.
+    with Client(server.target(protocol), protocol=protocol, max_message_bytes=32 << 10, batch_size=8) as client:
+        emb = client.embed(noise, progress=lambda done, total: sizes.append(done))
+    np.testing.assert_allclose(emb, expected, atol=ATOL, rtol=0)
+    per_request = np.diff([0] + sizes)
+    assert sizes[-1] == len(noise) and per_request.max() <= 2 and len(per_request) >= 5, per_request
+    # The export takes at most 4 images per request; a client asking for 8 learns that once.
+    with Client(server.target(protocol), protocol=protocol, batch_size=8) as client:
+        np.testing.assert_allclose(client.embed(noise), expected, atol=ATOL, rtol=0)
+        assert client._batch_limit == 4
+        sizes.clear()
+        np.testing.assert_allclose(client.embed(noise, progress=lambda d, t: sizes.append(d)), expected, atol=ATOL)
+        assert list(np.diff([0] + sizes)) == [4, 4, 1]
+    # One image larger than the message limit by itself: named, nothing sent for it.
+    big = np.random.default_rng(0).integers(0, 256, (120, 120, 3), dtype=np.uint8)  # ~43 KB PNG
+    with pytest.raises(InvalidImageError, match="over max_message_bytes") as info:
+        dc.embed([noise[0], big], target=server.target(protocol), protocol=protocol, max_message_bytes=32 << 10)
+    assert info.value.index == 1
+
+
+@integration
+def test_dolg_embed_cli_folder_list_and_in_process(server, mixed, tmp_path, capsys):
+    items, expected = mixed
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for name, data in (("x.jpg", items[2]), ("sub/y.png", _encode(items[4], "PNG")), ("z.bmp", items[3])):
+        (folder / name).write_bytes(data)
+    (folder / "notes.txt").write_text("not an image")  # ignored: not an image extension
+    out = tmp_path / "emb.npy"
+    rc = cli_main(["embed", str(folder), "--server", server.target("grpc"), "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    emb = np.load(out)
+    meta = json.loads((tmp_path / "emb.ids.json").read_text())
+    assert meta["ids"] == ["sub/y.png", "x.jpg", "z.bmp"] and meta["version"] == 1 and meta["dim"] == emb.shape[1]
+    np.testing.assert_allclose(emb, expected[[4, 2, 3]], atol=ATOL, rtol=0)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["images"] == 3 and summary["source"].startswith("grpc://")
+
+    # A list file over REST, and the same list in-process with the SavedModel: same numbers.
+    listing = tmp_path / "list.txt"
+    listing.write_text("# gallery\nphotos/z.bmp\n\nphotos/x.jpg\n")
+    rc = cli_main(["embed", str(listing), "--protocol", "rest", "--server", server.target("rest"),
+                   "--out", str(tmp_path / "rest.npy"), "--ids", str(tmp_path / "rest.json"), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    assert json.loads((tmp_path / "rest.json").read_text())["ids"] == ["photos/z.bmp", "photos/x.jpg"]
+    np.testing.assert_allclose(np.load(tmp_path / "rest.npy"), expected[[3, 2]], atol=ATOL, rtol=0)
+    rc = cli_main(["embed", str(listing), "--saved-model", server.base, "--out", str(tmp_path / "local.npy"), "--no-progress"])
+    assert rc == 0
+    np.testing.assert_allclose(np.load(tmp_path / "local.npy"), expected[[3, 2]], atol=ATOL, rtol=0)
+    capsys.readouterr()
+
+    # Bad input: one line, exit 2, the file named; nothing written.
+    (folder / "broken.jpg").write_bytes(b"plain text, not a JPEG")
+    rc = cli_main(["embed", str(folder), "--server", server.target("grpc"), "--out", str(tmp_path / "bad.npy"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "broken.jpg" in err and "not a JPEG" in err
+    assert not (tmp_path / "bad.npy").exists()
+    assert cli_main(["embed", str(tmp_path / "nowhere"), "--out", str(tmp_path / "n.npy")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+@integration
+def test_a_server_restarted_during_a_call_is_retried_and_a_stopped_one_is_unavailable(server, mixed):
+    """Kills ``dolg serve`` after two requests of a gRPC call and starts it again on the same ports.
+
+    While it is down, a short-deadline client (gRPC and REST) gets ServerUnavailableError
+    in time, and a REST call started then waits for the new server like the gRPC one.
+    """
+    items, expected = mixed
+    results: dict[str, object] = {}
+
+    def rest_call():
+        try:
+            with Client(server.target("rest"), protocol="rest", batch_size=2, deadline=150, retries=1000) as c:
+                results["rest"] = c.embed(items)
+        except Exception as err:  # reported by the assertion below
+            results["rest"] = err
+
+    rest_thread = threading.Thread(target=rest_call)
+    stopped: dict[str, float] = {}
+
+    def on_progress(done, total):
+        if done == 2 and not stopped:
+            server.stop()
+            for protocol in ("grpc", "rest"):
+                t0 = time.monotonic()
+                with pytest.raises(ServerUnavailableError):
+                    Client(server.target(protocol), protocol=protocol, deadline=2.0, backoff=0.1).embed(items[:1])
+                stopped[protocol] = time.monotonic() - t0
+            rest_thread.start()
+            server.start()  # same ports; the client retries until it answers
+
+    # retries=1000: the deadline, not the count, bounds the wait for the new server.
+    with Client(server.target("grpc"), batch_size=1, deadline=150, retries=1000, max_backoff=2.0) as client:
+        client.check()
+        emb = client.embed(items, progress=on_progress)
+    server.wait_ready()
+    rest_thread.join(180)
+    np.testing.assert_allclose(emb, expected, atol=ATOL, rtol=0)
+    assert isinstance(results.get("rest"), np.ndarray), results.get("rest")
+    np.testing.assert_allclose(results["rest"], expected, atol=ATOL, rtol=0)
+    assert stopped["grpc"] < 3.5 and stopped["rest"] < 3.5, stopped
