@@ -338,3 +338,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                       "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
     assert "not a dolg_tf index file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ivf_query_expansion_then_more_adds_then_reload(tmp_path):
+    x = clustered(3000, 16, 30, seed=5)
+    index = Index(16, "ivf", nlist=20)
+    index.add(x[:2000])
+    index.search(x[:5], 3, qe_alpha=3.0)  # reads stored vectors (builds IVF's direct map)
+    index.add(x[2000:])
+    assert index.search(x[2990:2995], 1)[1].ravel().tolist() == list(range(2990, 2995))
+    index.save(tmp_path / "g")
+    loaded = Index.load(tmp_path / "g")
+    np.testing.assert_allclose(loaded.vectors()[2500], x[2500], atol=1e-6)
+    assert loaded.augmented(3).nlist == 20
