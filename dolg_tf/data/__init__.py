@@ -33,23 +33,45 @@ two replicas with batch ``B/2`` see exactly what one replica with batch ``B`` se
 held-out numpy-made views: instance retrieval under synthetic views.
 """
 
-from dolg_tf.data.config import FORMATS, DataConfig
-from dolg_tf.data.demo import RetrievalSplit, demo_retrieval_split, retrieval_metrics
-from dolg_tf.data.pipeline import skipped_images, train_dataset
-from dolg_tf.data.skips import SkipCounter
-from dolg_tf.data.sources import (
-    FEATURE_IMAGE,
-    FEATURE_KEY,
-    FEATURE_LABEL,
-    TFRECORD_META,
-    DemoSource,
-    FileSource,
-    TFRecordSource,
-    TrainSource,
-    detect_format,
-    open_source,
-)
-from dolg_tf.data.tfrecord import make_example, write_tfrecords
+import importlib
+
+# Public name -> submodule. Resolved on first use, so importing dolg_tf.data.config (for
+# DataConfig, FORMATS) or `dolg --help` does not load TensorFlow.
+_EXPORTS = {
+    "FORMATS": "config",
+    "DataConfig": "config",
+    "RetrievalSplit": "demo",
+    "demo_retrieval_split": "demo",
+    "retrieval_metrics": "demo",
+    "skipped_images": "pipeline",
+    "train_dataset": "pipeline",
+    "SkipCounter": "skips",
+    "FEATURE_IMAGE": "sources",
+    "FEATURE_KEY": "sources",
+    "FEATURE_LABEL": "sources",
+    "TFRECORD_META": "sources",
+    "DemoSource": "sources",
+    "FileSource": "sources",
+    "TFRecordSource": "sources",
+    "TrainSource": "sources",
+    "detect_format": "sources",
+    "open_source": "sources",
+    "make_example": "tfrecord",
+    "write_tfrecords": "tfrecord",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "FORMATS",
