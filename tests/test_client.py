@@ -11,6 +11,8 @@ server in the middle of a call and starts it again on the same ports.
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import io
 import json
 import os
@@ -190,6 +192,23 @@ def test_client_rejects_bad_options():
             Client(**kwargs)
 
 
+def test_progress_falls_back_to_a_plain_line_without_tqdm(monkeypatch, capsys):
+    from dolg_tf.client.core import _Progress
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails as if tqdm were not installed
+    bar = _Progress(True, 3)
+    bar.update(1)
+    bar.update(2)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "embed: 3/3 images" in err and err.endswith("\n")
+    seen = []
+    bar = _Progress(lambda done, total: seen.append((done, total)), None)
+    bar.update(2)
+    bar.update(5)
+    assert seen == [(2, None), (7, None)]
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
 def test_unreachable_server_raises_server_unavailable_within_the_deadline(protocol):
     port = _free_port()  # closed again: nothing listens there
@@ -338,6 +357,7 @@ def test_every_input_kind_matches_the_in_process_saved_model(server, mixed, prot
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
         # Order is kept whatever the batching: reversed input, reversed rows.
         np.testing.assert_allclose(client.embed(items[::-1]), expected[::-1], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(client.embed(iter(items)), expected, atol=ATOL, rtol=0)  # any iterable
         # One image in, one row out; a 4-D array is a batch.
         np.testing.assert_allclose(client.embed(items[0]), expected[:1], atol=ATOL, rtol=0)
         np.testing.assert_allclose(client.embed(np.stack([items[4], items[4]])), expected[[4, 4]], atol=ATOL, rtol=0)
@@ -409,6 +429,76 @@ def test_large_calls_are_split_under_the_message_limit_and_the_servers_batch_lim
     assert info.value.index == 1
 
 
+class FlakyProxy(http.server.ThreadingHTTPServer):
+    """A REST proxy in front of ``dolg serve`` that answers the first requests with 503 / 429."""
+
+    def __init__(self, upstream_port: int, failures: list[int]):
+        self.upstream_port, self.failures, self.seen = upstream_port, list(failures), []
+        super().__init__(("127.0.0.1", 0), _FlakyHandler)
+
+
+class _FlakyHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def _relay(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.seen.append(self.path)
+        if self.server.failures:
+            status = self.server.failures.pop(0)
+            payload, headers = json.dumps({"error": f"injected {status}"}).encode(), {}
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
+            conn.request(self.command, self.path, body=body or None, headers={"Content-Type": "application/json"})
+            upstream = conn.getresponse()
+            status, payload = upstream.status, upstream.read()
+            conn.close()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = _relay
+
+
+@integration
+def test_rest_retries_503_and_429_but_never_400(server, mixed):
+    items, expected = mixed
+    proxy = FlakyProxy(server.rest_port, [503, 429, 503])
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        target = f"127.0.0.1:{proxy.server_address[1]}"
+        with Client(target, protocol="rest", batch_size=16, backoff=0.05) as client:
+            np.testing.assert_allclose(client.embed(items[:3]), expected[:3], atol=ATOL, rtol=0)
+        assert len(proxy.seen) == 5  # metadata x3 (two refused), predict x2 (one refused)
+        with Client(target, protocol="rest", backoff=0.05) as client:
+            client.check()
+            proxy.failures, proxy.seen = [400], []
+            with pytest.raises(InvalidImageError, match="injected 400"):
+                client.embed(items[:1])
+        assert len(proxy.seen) == 1  # the refused predict, not retried
+        proxy.failures = [503] * 100
+        with pytest.raises(ServerUnavailableError, match="HTTP 503.*gave up after 3 attempt"):
+            Client(target, protocol="rest", retries=2, backoff=0.05).check()
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+@integration
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_a_request_that_keeps_timing_out_is_retried_then_unavailable(server, mixed, protocol):
+    with Client(server.target(protocol), protocol=protocol, deadline=1.0, backoff=0.05) as client:
+        client.check()
+        # 1 ms per attempt: no embedding is that fast, every attempt hits DEADLINE_EXCEEDED (REST: a read timeout).
+        client.timeout = 0.001
+        with pytest.raises(ServerUnavailableError, match=r"gave up after ([2-9]|\d\d) attempt") as info:
+            client.embed(mixed[0][:4])
+    assert ("DEADLINE_EXCEEDED" if protocol == "grpc" else "Timeout") in str(info.value)
+
+
 @integration
 def test_dolg_embed_cli_folder_list_and_in_process(server, mixed, tmp_path, capsys):
     items, expected = mixed
@@ -426,6 +516,9 @@ def test_dolg_embed_cli_folder_list_and_in_process(server, mixed, tmp_path, caps
     np.testing.assert_allclose(emb, expected[[4, 2, 3]], atol=ATOL, rtol=0)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["images"] == 3 and summary["source"].startswith("grpc://")
+    # The files are what `dolg index build` reads.
+    index_args = ["--embeddings", str(out), "--ids", str(tmp_path / "emb.ids.json"), "--out", str(tmp_path / "g.index")]
+    assert cli_main(["index", "build", *index_args]) == 0, capsys.readouterr().err
 
     # A list file over REST, and the same list in-process with the SavedModel: same numbers.
     listing = tmp_path / "list.txt"

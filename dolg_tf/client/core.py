@@ -307,7 +307,7 @@ class Client:
         while True:
             remaining = self.deadline - (time.monotonic() - start)
             try:
-                return call(max(0.05, min(self.timeout, remaining)))
+                return call(min(self.timeout, max(0.05, remaining)))
             except Transient as err:
                 attempt += 1
                 elapsed = time.monotonic() - start
@@ -464,11 +464,14 @@ class Client:
                 pending[self._pool.submit(self._send, batch)] = batch
         except InvalidImageError as err:  # a local check failed: let earlier requests report first
             errors.append(err)
-        finally:
-            if errors or sys.exc_info()[0] is not None:
-                for fut in pending:
-                    fut.cancel()
-            collect(wait(pending)[0])
+        except BaseException:  # interrupted: drop what has not started
+            for fut in pending:
+                fut.cancel()
+            raise
+        if errors:
+            for fut in pending:
+                fut.cancel()
+        collect(wait(pending)[0])
         if errors:
             raise min(errors, key=_error_order)
         return parts
