@@ -20,6 +20,7 @@ import pathlib
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -497,6 +498,84 @@ def test_a_request_that_keeps_timing_out_is_retried_then_unavailable(server, mix
         with pytest.raises(ServerUnavailableError, match=r"gave up after ([2-9]|\d\d) attempt") as info:
             client.embed(mixed[0][:4])
     assert ("DEADLINE_EXCEEDED" if protocol == "grpc" else "Timeout") in str(info.value)
+
+
+TLS_DIR = pathlib.Path(__file__).parent / "data" / "client_tls"
+
+
+class TlsProxy:
+    """Terminates TLS (mutual: a client certificate signed by the test CA is required) and pipes to a plain port."""
+
+    def __init__(self, upstream_port: int, alpn: str):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(TLS_DIR / "server.pem", TLS_DIR / "server.key")
+        self.context.set_alpn_protocols([alpn])  # gRPC insists on h2
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context.load_verify_locations(TLS_DIR / "ca.pem")
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError):  # a client without the right certificate
+            conn.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+
+        def pipe(src, dst):
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pipe, args=(upstream, tls), daemon=True).start()
+        pipe(tls, upstream)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@integration
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_mutual_tls_with_certificates_as_paths_or_bytes(server, mixed, protocol):
+    items, expected = mixed
+    proxy = TlsProxy(server.grpc_port if protocol == "grpc" else server.rest_port, "h2" if protocol == "grpc" else "http/1.1")
+    try:
+        as_paths = dict(
+            root_certificates=TLS_DIR / "ca.pem", client_certificate=str(TLS_DIR / "client.pem"),
+            client_key=TLS_DIR / "client.key",
+        )  # fmt: skip
+        as_bytes = {k: pathlib.Path(v).read_bytes() for k, v in as_paths.items()}
+        for host, certs in (("localhost", as_paths), ("127.0.0.1", as_bytes)):
+            with Client(f"{host}:{proxy.port}", protocol=protocol, **certs) as client:
+                np.testing.assert_allclose(client.embed(items[:3]), expected[:3], atol=ATOL, rtol=0)
+        if protocol == "rest":
+            with Client(f"https://localhost:{proxy.port}", protocol="rest", **as_bytes) as client:
+                np.testing.assert_allclose(client.embed(items[3:5]), expected[3:5], atol=ATOL, rtol=0)
+        # No client certificate, or not trusting the test CA: the handshake fails, the server is unavailable.
+        for certs in (dict(root_certificates=as_bytes["root_certificates"]), dict(tls=True)):
+            with pytest.raises(ServerUnavailableError):
+                Client(f"localhost:{proxy.port}", protocol=protocol, deadline=1.0, backoff=0.1, **certs).check()
+    finally:
+        proxy.close()
 
 
 @integration
