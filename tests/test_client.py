@@ -434,7 +434,7 @@ class FlakyProxy(http.server.ThreadingHTTPServer):
     """A REST proxy in front of ``dolg serve`` that answers the first requests with 503 / 429."""
 
     def __init__(self, upstream_port: int, failures: list[int]):
-        self.upstream_port, self.failures, self.seen = upstream_port, list(failures), []
+        self.upstream_port, self.failures, self.seen, self.auth = upstream_port, list(failures), [], []
         super().__init__(("127.0.0.1", 0), _FlakyHandler)
 
 
@@ -445,6 +445,7 @@ class _FlakyHandler(http.server.BaseHTTPRequestHandler):
     def _relay(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.server.seen.append(self.path)
+        self.server.auth.append(self.headers.get("Authorization"))
         if self.server.failures:
             status = self.server.failures.pop(0)
             payload, headers = json.dumps({"error": f"injected {status}"}).encode(), {}
@@ -471,9 +472,11 @@ def test_rest_retries_503_and_429_but_never_400(server, mixed):
     thread.start()
     try:
         target = f"127.0.0.1:{proxy.server_address[1]}"
-        with Client(target, protocol="rest", batch_size=16, backoff=0.05) as client:
+        headers = {"Authorization": "Bearer test-token"}
+        with Client(target, protocol="rest", batch_size=16, backoff=0.05, headers=headers) as client:
             np.testing.assert_allclose(client.embed(items[:3]), expected[:3], atol=ATOL, rtol=0)
         assert len(proxy.seen) == 5  # metadata x3 (two refused), predict x2 (one refused)
+        assert proxy.auth == ["Bearer test-token"] * 5
         with Client(target, protocol="rest", backoff=0.05) as client:
             client.check()
             proxy.failures, proxy.seen = [400], []
