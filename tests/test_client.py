@@ -400,7 +400,13 @@ def test_unknown_model_version_or_signature_is_model_not_found(server, protocol)
     ):
         with pytest.raises(ModelNotFoundError, match=match):
             dc.embed([_photo()], target=target, protocol=protocol, deadline=30, **kwargs)
-    assert Client(target, protocol=protocol, version=1).check().version == 1
+    with Client(target, protocol=protocol, version=1) as client:
+        assert client.check().version == 1
+        assert client.status() == [dc.VersionStatus(1, "AVAILABLE", "")]
+    with Client(target, protocol=protocol) as client:
+        assert [(v.version, v.state) for v in client.status()] == [(1, "AVAILABLE")]
+    with pytest.raises(ModelNotFoundError):
+        Client(target, protocol=protocol, model_name="resnet").status()
 
 
 @integration

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dolg_tf.client.core import DEFAULT_MAX_MESSAGE_BYTES, Client, embed, pack_requests
 from dolg_tf.client.inputs import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImageInput, prepare
-from dolg_tf.client.transports import ModelInfo
+from dolg_tf.client.transports import ModelInfo, VersionStatus
 from dolg_tf.errors import ClientError, InvalidImageError, ModelNotFoundError, ServerUnavailableError
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "ModelInfo",
     "ModelNotFoundError",
     "ServerUnavailableError",
+    "VersionStatus",
     "embed",
     "pack_requests",
     "prepare",

@@ -32,6 +32,7 @@ from dolg_tf.client.transports import (
     TlsOptions,
     TooLarge,
     Transient,
+    VersionStatus,
     check_signature,
 )
 from dolg_tf.errors import ClientError, ConfigError, InvalidImageError, ModelNotFoundError, ServerUnavailableError
@@ -344,6 +345,24 @@ class Client:
                 log.info("%s at %s (%s): version %s, embedding size %s", self.spec.describe(), self.target,
                          self.protocol, version, dim)
         return self._info
+
+    def status(self) -> list[VersionStatus]:
+        """The model's versions and their states (``GetModelStatus`` / ``GET /v1/models/{name}``).
+
+        Asks for the client's version or label when it has one, else for all
+        versions. Useful to wait for a server: a version in state ``AVAILABLE``
+        answers requests.
+
+        Raises:
+            ModelNotFoundError: unknown model, version or label.
+            ServerUnavailableError: the server stayed unreachable past the deadline.
+        """
+        if self._closed:
+            raise ClientError("the client is closed")
+        try:
+            return self._retrying(self._transport.status)
+        except Rejected as err:
+            raise ModelNotFoundError(f"{self.spec.describe()} refused by {self.target}: {err}") from None
 
     @property
     def info(self) -> ModelInfo:

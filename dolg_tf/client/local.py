@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dolg_tf.client import _protos as pb
-from dolg_tf.client.transports import INPUT_KEY, OUTPUT_KEY, ModelSpec, Rejected
+from dolg_tf.client.transports import INPUT_KEY, OUTPUT_KEY, ModelSpec, Rejected, VersionStatus
 from dolg_tf.errors import ClientError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,9 @@ class SavedModelTransport:
                 for name, sig in meta.signature_def.items():
                     signature_map.signature_def[name].CopyFrom(sig)
         return signature_map, self._version
+
+    def status(self, timeout: float) -> list[VersionStatus]:
+        return [VersionStatus(self._version or 0, "AVAILABLE")]
 
     def predict(self, blobs: Sequence[bytes], timeout: float) -> np.ndarray:
         tf = self._tf

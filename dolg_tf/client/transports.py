@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 
@@ -62,6 +62,21 @@ class ModelInfo:
     version: int | None
     signature_name: str
     embedding_dim: int | None
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One model version's state, as ``GetModelStatus`` reports it.
+
+    Attributes:
+        version: the version number.
+        state: ``START``, ``LOADING``, ``AVAILABLE``, ``UNLOADING`` or ``END``.
+        error: the version's error message ("" when fine).
+    """
+
+    version: int
+    state: str
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -231,8 +246,10 @@ class GrpcTransport:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
-        self._predict = pb.prediction_service_pb2_grpc.PredictionServiceStub(self._channel).Predict
-        self._metadata_rpc = pb.prediction_service_pb2_grpc.PredictionServiceStub(self._channel).GetModelMetadata
+        prediction = pb.prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._predict = prediction.Predict
+        self._metadata_rpc = prediction.GetModelMetadata
+        self._status_rpc = pb.model_service_pb2_grpc.ModelServiceStub(self._channel).GetModelStatus
 
     def _error(self, err, what: str) -> Exception:
         code = err.code() if hasattr(err, "code") else None
@@ -263,6 +280,20 @@ class GrpcTransport:
             raise ModelNotFoundError(f"{self.spec.describe()} at {self.target} returned no signature_def metadata")
         version = response.model_spec.version.value if response.model_spec.HasField("version") else None
         return signature_map, version
+
+    def status(self, timeout: float) -> list[VersionStatus]:
+        spec = self.spec.to_proto()
+        spec.ClearField("signature_name")
+        request = pb.get_model_status_pb2.GetModelStatusRequest(model_spec=spec)
+        try:
+            response = self._status_rpc(request, timeout=timeout, metadata=self._metadata)
+        except self._grpc.RpcError as err:
+            raise self._error(err, "GetModelStatus") from None
+        state_name = pb.get_model_status_pb2.ModelVersionStatus.State.Name
+        return [
+            VersionStatus(int(v.version), state_name(v.state), v.status.error_message)
+            for v in response.model_version_status
+        ]
 
     def predict(self, blobs: Sequence[bytes], timeout: float) -> np.ndarray:
         request = pb.predict_pb2.PredictRequest(model_spec=self.spec.to_proto(), output_filter=[OUTPUT_KEY])
@@ -337,14 +368,20 @@ class RestTransport:
         session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0))
         session.mount("https://", HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0))
         session.headers.update({"Content-Type": "application/json", **(headers or {})})
-        session.trust_env = False  # a local or cluster server: never route it through an environment proxy
+        self._session = session
+        # Given per request, not on the session: requests lets REQUESTS_CA_BUNDLE override a session's verify.
+        self._verify: bool | str = True
+        self._cert: str | tuple[str, str] | None = None
         if tls.root_certificates is not None:
-            session.verify = self._as_file(tls.root_certificates, "root certificates")
+            self._verify = self._as_file(tls.root_certificates, "root certificates")
         if tls.client_certificate is not None:
             cert = self._as_file(tls.client_certificate, "client certificate")
             key = self._as_file(tls.client_key, "client key") if tls.client_key is not None else None
-            session.cert = (cert, key) if key else cert
-        self._session = session
+            self._cert = (cert, key) if key else cert
+        # Environment proxies (and NO_PROXY) apply as usual, except to a server on this machine.
+        host = urlsplit(base).hostname or ""
+        loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+        self._proxies = {"http": None, "https": None} if loopback else None
 
     def _as_file(self, value, what: str) -> str:
         """requests takes certificates as file paths: PEM bytes go to a private temporary file."""
@@ -359,7 +396,9 @@ class RestTransport:
     def _call(self, method: str, url: str, what: str, timeout: float, body: bytes | None = None) -> Any:
         r = self._requests
         try:
-            response = self._session.request(method, url, data=body, timeout=timeout)
+            response = self._session.request(
+                method, url, data=body, timeout=timeout, verify=self._verify, cert=self._cert, proxies=self._proxies
+            )
         except (r.exceptions.ConnectionError, r.exceptions.Timeout, r.exceptions.ChunkedEncodingError) as err:
             # urllib3 nests the useful part ("[Errno 111] Connection refused") deep in its message.
             errno = re.search(r"\[Errno -?\d+\] [^\"')]+", str(err))
@@ -400,6 +439,16 @@ class RestTransport:
             ) from None
         version = payload.get("model_spec", {}).get("version")
         return signature_map, int(version) if version not in (None, "") else None
+
+    def status(self, timeout: float) -> list[VersionStatus]:
+        payload = self._call("GET", self._url, "GET status", timeout)
+        try:
+            return [
+                VersionStatus(int(v["version"]), str(v["state"]), str(v.get("status", {}).get("error_message", "")))
+                for v in payload["model_version_status"]
+            ]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ClientError(f"unreadable model status from {self.target}: {err}") from None
 
     def predict(self, blobs: Sequence[bytes], timeout: float) -> np.ndarray:
         instances = [{"b64": base64.b64encode(b).decode("ascii")} for b in blobs]
