@@ -188,6 +188,9 @@ def test_client_rejects_bad_options():
         (dict(protocol="rest", target="ftp://x:1"), "http"),
         (dict(protocol="rest", credentials=object()), "credentials"),
         (dict(protocol="saved_model"), "SavedModel directory"),
+        (dict(root_certificates="/nonexistent/ca.pem"), "cannot read root certificates"),
+        (dict(protocol="rest", root_certificates="/nonexistent/ca.pem"), "root certificates file not found"),
+        (dict(protocol="rest", client_certificate=b"PEM", client_key="/nonexistent/k.pem"), "client key file not found"),
     ):
         with pytest.raises(ConfigError, match=match):
             Client(**kwargs)

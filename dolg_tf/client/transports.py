@@ -372,12 +372,16 @@ class RestTransport:
         # Given per request, not on the session: requests lets REQUESTS_CA_BUNDLE override a session's verify.
         self._verify: bool | str = True
         self._cert: str | tuple[str, str] | None = None
-        if tls.root_certificates is not None:
-            self._verify = self._as_file(tls.root_certificates, "root certificates")
-        if tls.client_certificate is not None:
-            cert = self._as_file(tls.client_certificate, "client certificate")
-            key = self._as_file(tls.client_key, "client key") if tls.client_key is not None else None
-            self._cert = (cert, key) if key else cert
+        try:
+            if tls.root_certificates is not None:
+                self._verify = self._as_file(tls.root_certificates, "root certificates")
+            if tls.client_certificate is not None:
+                cert = self._as_file(tls.client_certificate, "client certificate")
+                key = self._as_file(tls.client_key, "client key") if tls.client_key is not None else None
+                self._cert = (cert, key) if key else cert
+        except BaseException:
+            self.close()  # removes the temporary files already written
+            raise
         # Environment proxies (and NO_PROXY) apply as usual, except to a server on this machine.
         host = urlsplit(base).hostname or ""
         loopback = host == "localhost" or host.startswith("127.") or host == "::1"
@@ -386,6 +390,8 @@ class RestTransport:
     def _as_file(self, value, what: str) -> str:
         """requests takes certificates as file paths: PEM bytes go to a private temporary file."""
         if not isinstance(value, bytes):
+            if not os.path.isfile(value):
+                raise ConfigError(f"{what} file not found: {os.fspath(value)!r}")
             return os.fspath(value)
         fd, path = tempfile.mkstemp(suffix=".pem")
         with os.fdopen(fd, "wb") as f:
