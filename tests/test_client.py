@@ -432,6 +432,11 @@ def test_large_calls_are_split_under_the_message_limit_and_the_servers_batch_lim
         sizes.clear()
         np.testing.assert_allclose(client.embed(noise, progress=lambda d, t: sizes.append(d)), expected, atol=ATOL)
         assert list(np.diff([0] + sizes)) == [4, 4, 1]
+    # With the defaults, a 5.6 MB image (over gRPC's stock 4 MiB message limit) goes through.
+    big = np.random.default_rng(1).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)
+    np.testing.assert_allclose(
+        dc.embed(big, target=server.target(protocol), protocol=protocol), from_pixels(big)[None], atol=ATOL, rtol=0
+    )
     # One image larger than the message limit by itself: named, nothing sent for it.
     big = np.random.default_rng(0).integers(0, 256, (120, 120, 3), dtype=np.uint8)  # ~43 KB PNG
     with pytest.raises(InvalidImageError, match="over max_message_bytes") as info:

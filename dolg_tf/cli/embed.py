@@ -217,7 +217,7 @@ def register(sub) -> None:
     version.add_argument("--version-label", default=None, help="model version label, e.g. stable")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per request (default: 8)")
     p.add_argument("--max-in-flight", type=positive_int, default=2, help="concurrent requests (default: 2)")
-    p.add_argument("--max-message-bytes", type=positive_int, default=4 << 20, help="largest request (default: 4 MiB)")
+    p.add_argument("--max-message-bytes", type=positive_int, default=32 << 20, help="largest request (default: 32 MiB)")
     p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per request attempt (default: 60)")
     p.add_argument("--deadline", type=_seconds, default=120.0, help="seconds per request, retries included (default: 120)")
     p.add_argument("--retries", type=int, default=10, help="retries of an unavailable / timed-out request (default: 10)")
