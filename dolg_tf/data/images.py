@@ -91,17 +91,12 @@ def encoded_dims(data: tf.Tensor, head: tf.Tensor, b: tf.Tensor, fmt: tf.Tensor)
     )
 
 
-def check_and_decode(data: tf.Tensor, max_bytes: int, max_pixels: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Decodes one encoded image if it passes the cheap checks.
-
-    The size and pixel-count checks run on the header, so a decompression bomb
-    is rejected without being decoded. A file that passes them but is
-    truncated or corrupt makes the decoder raise; the pipeline drops that
-    element with ``ignore_errors`` and counts it as UNREADABLE.
+def check_encoded(data: tf.Tensor, max_bytes: int, max_pixels: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Cheap checks of one encoded image, on its size and header only (nothing is decoded).
 
     Returns:
-        ``(status, image)``: an int32 status code (``OK`` or a skip reason) and
-        a uint8 ``(H, W, 3)`` image (a 1x1 placeholder when status is not OK).
+        ``(status, format code, height, width)``; status is ``OK`` or a skip reason. A
+        decompression bomb (header announcing more than ``max_pixels``) is rejected here.
     """
     size = tf.strings.length(data)
     head, b = _header(data)
@@ -112,20 +107,33 @@ def check_and_decode(data: tf.Tensor, max_bytes: int, max_pixels: int) -> tuple[
         tf.where(size > max_bytes, TOO_MANY_BYTES, tf.where(tf.equal(fmt, _UNKNOWN), NOT_AN_IMAGE, OK)),
     )
 
-    def pixel_status():
+    def dims():
         height, width = encoded_dims(data, head, b, fmt)
         ok = tf.logical_and(tf.logical_and(height > 0, width > 0), height * width <= max_pixels)
-        return tf.where(ok, OK, TOO_MANY_PIXELS)
+        return tf.where(ok, OK, TOO_MANY_PIXELS), height, width
 
-    status = tf.cond(tf.equal(status, OK), pixel_status, lambda: status)
+    zero = tf.constant(0, tf.int64)
+    status, height, width = tf.cond(tf.equal(status, OK), dims, lambda: (status, zero, zero))
+    return tf.cast(status, tf.int32), fmt, height, width
 
-    def decode():
-        image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-        image.set_shape([None, None, 3])
-        return image
 
-    image = tf.cond(tf.equal(status, OK), decode, lambda: tf.zeros([1, 1, 3], tf.uint8))
-    return tf.cast(status, tf.int32), image
+def _decode(data: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def check_and_decode(data: tf.Tensor, max_bytes: int, max_pixels: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Decodes one whole encoded image if it passes :func:`check_encoded`.
+
+    Returns:
+        ``(status, image)``: an int32 status code and a uint8 ``(H, W, 3)`` image (a 1x1
+        placeholder when status is not OK). A truncated or corrupt file that passes the
+        checks makes the decoder raise (the pipeline drops and counts it).
+    """
+    status = check_encoded(data, max_bytes, max_pixels)[0]
+    image = tf.cond(tf.equal(status, OK), lambda: _decode(data), lambda: tf.zeros([1, 1, 3], tf.uint8))
+    return status, image
 
 
 def element_seeds(seed: int, position: tf.Tensor, count: int) -> tf.Tensor:
@@ -134,41 +142,61 @@ def element_seeds(seed: int, position: tf.Tensor, count: int) -> tf.Tensor:
     return tf.random.experimental.stateless_split(base, count)
 
 
-def crop_resize(image: tf.Tensor, size: int, min_area: float, seeds: tf.Tensor | None) -> tf.Tensor:
-    """Aspect-preserving crop (square in pixels) resized to ``(size, size)``; float32 in [0, 255].
+def crop_box(height: tf.Tensor, width: tf.Tensor, min_area: float,
+             seeds: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """``(top, left, side)`` of an aspect-preserving (square in pixels) crop.
 
     With ``seeds`` (shape ``(3, 2)``) the crop covers a random fraction of the image area in
     ``[min_area, 1]`` (capped by the largest square) at a random place; without, it is the
     centred largest square.
     """
-    shape = tf.shape(image, out_type=tf.int64)
-    height, width = shape[0], shape[1]
+    height, width = tf.cast(height, tf.int64), tf.cast(width, tf.int64)
     short = tf.minimum(height, width)
     if seeds is None:
-        side = short
-        top, left = (height - side) // 2, (width - side) // 2
-    else:
-        area = tf.random.stateless_uniform([], seeds[0], min_area, 1.0, tf.float64)
-        side = tf.cast(tf.sqrt(area * tf.cast(height * width, tf.float64)), tf.int64)
-        side = tf.clip_by_value(side, 1, short)
-        top = tf.cast(tf.random.stateless_uniform([], seeds[1], 0.0, 1.0, tf.float64)
-                      * tf.cast(height - side + 1, tf.float64), tf.int64)
-        left = tf.cast(tf.random.stateless_uniform([], seeds[2], 0.0, 1.0, tf.float64)
-                       * tf.cast(width - side + 1, tf.float64), tf.int64)
-        top, left = tf.minimum(top, height - side), tf.minimum(left, width - side)
-    crop = image[top : top + side, left : left + side]
-    # Antialiasing matters when a large photo is shrunk to a small training crop.
-    resized = tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
-    return tf.clip_by_value(resized, 0.0, 255.0)
+        return (height - short) // 2, (width - short) // 2, short
+    area = tf.random.stateless_uniform([], seeds[0], min_area, 1.0, tf.float64)
+    side = tf.clip_by_value(tf.cast(tf.sqrt(area * tf.cast(height * width, tf.float64)), tf.int64), 1, short)
+
+    def offset(seed, room):
+        u = tf.random.stateless_uniform([], seed, 0.0, 1.0, tf.float64)
+        return tf.minimum(tf.cast(u * tf.cast(room + 1, tf.float64), tf.int64), room)
+
+    return offset(seeds[1], height - side), offset(seeds[2], width - side), side
 
 
-def augment(image: tf.Tensor, position: tf.Tensor, config: DataConfig, size: int, seed: int,
-            training: bool) -> tf.Tensor:
-    """Crop, resize, flip and colour-jitter one uint8 image; float32 ``(size, size, 3)`` in [0, 255]."""
-    if not training:
-        return crop_resize(image, size, 1.0, None)
-    seeds = element_seeds(seed, position, 8)
-    out = crop_resize(image, size, config.min_crop_area, seeds[:3])
+# JPEG DCT-domain downscaling factors; libjpeg decodes 1/r of the pixels, much faster.
+_JPEG_RATIOS = (1, 2, 4, 8)
+
+
+def _decode_jpeg_crop(data: tf.Tensor, top, left, side, size: int) -> tf.Tensor:
+    """Decodes only the crop window, at the largest 1/r scale that keeps it >= ``size`` pixels."""
+    ratio_index = tf.add_n([tf.cast(side // r >= size, tf.int32) for r in _JPEG_RATIOS[1:]])
+
+    def branch(r):
+        def run():
+            # With ratio r, the window is in the coordinates of the 1/r-scaled image.
+            window = tf.cast(tf.stack([top // r, left // r, tf.maximum(side // r, 1), tf.maximum(side // r, 1)]), tf.int32)
+            return tf.io.decode_and_crop_jpeg(data, window, channels=3, ratio=r)
+
+        return run
+
+    image = tf.switch_case(ratio_index, [branch(r) for r in _JPEG_RATIOS])
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _finish(crop: tf.Tensor, size: int, config: DataConfig, seeds: tf.Tensor | None) -> tf.Tensor:
+    """Resize to ``(size, size)``, then (with seeds) flip and colour jitter; float32 in [0, 255]."""
+    # Antialiasing matters when a crop shrinks more than 2x, but it costs several times a
+    # plain bilinear resize; JPEG crops arrive DCT-downscaled to under 2x, so most skip it.
+    out = tf.cond(
+        tf.shape(crop)[0] > 2 * size,
+        lambda: tf.image.resize(crop, [size, size], method="bilinear", antialias=True),
+        lambda: tf.image.resize(crop, [size, size], method="bilinear"),
+    )
+    out = tf.clip_by_value(out, 0.0, 255.0)
+    if seeds is None:
+        return tf.ensure_shape(out, [size, size, 3])
     if config.flip:
         out = tf.image.stateless_random_flip_left_right(out, seeds[3])
     if config.brightness or config.contrast or config.saturation or config.hue:
@@ -185,3 +213,50 @@ def augment(image: tf.Tensor, position: tf.Tensor, config: DataConfig, size: int
             out = tf.image.stateless_random_hue(out, config.hue, seeds[7])
         out = tf.clip_by_value(out, 0.0, 1.0) * 255.0
     return tf.ensure_shape(out, [size, size, 3])
+
+
+def _seeds(seed: int, position: tf.Tensor, training: bool) -> tf.Tensor | None:
+    return element_seeds(seed, position, 8) if training else None
+
+
+def augment(image: tf.Tensor, position: tf.Tensor, config: DataConfig, size: int, seed: int,
+            training: bool) -> tf.Tensor:
+    """Crop, resize, flip and colour-jitter one decoded uint8 image; float32 ``(size, size, 3)`` in [0, 255].
+
+    ``training=False``: the centred largest square, resized, nothing random.
+    """
+    seeds = _seeds(seed, position, training)
+    shape = tf.shape(image, out_type=tf.int64)
+    top, left, side = crop_box(shape[0], shape[1], config.min_crop_area, seeds)
+    return _finish(image[top : top + side, left : left + side], size, config, seeds)
+
+
+def decode_augment(data: tf.Tensor, position: tf.Tensor, config: DataConfig, size: int, seed: int,
+                   training: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """:func:`check_encoded`, then decode only the crop and :func:`augment` it.
+
+    JPEGs decode just the crop window, DCT-downscaled when it is at least twice ``size``;
+    other formats decode whole and are cropped. The crop box is the same function of
+    (seed, position, image size) either way.
+
+    Returns:
+        ``(status, image)``: float32 ``(size, size, 3)`` in [0, 255] (zeros when status is not OK).
+    """
+    status, fmt, height, width = check_encoded(data, config.max_image_bytes, config.max_image_pixels)
+    seeds = _seeds(seed, position, training)
+
+    def jpeg():
+        top, left, side = crop_box(height, width, config.min_crop_area, seeds)
+        return _finish(_decode_jpeg_crop(data, top, left, side, size), size, config, seeds)
+
+    def other():
+        image = _decode(data)
+        shape = tf.shape(image, out_type=tf.int64)  # the decoded size rules (e.g. GIF frames)
+        top, left, side = crop_box(shape[0], shape[1], config.min_crop_area, seeds)
+        return _finish(image[top : top + side, left : left + side], size, config, seeds)
+
+    out = tf.case(
+        [(tf.not_equal(status, OK), lambda: tf.zeros([size, size, 3])), (tf.equal(fmt, _JPEG), jpeg)],
+        default=other, exclusive=False,
+    )
+    return status, tf.ensure_shape(out, [size, size, 3])

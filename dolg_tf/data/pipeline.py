@@ -6,7 +6,8 @@ import numpy as np
 import tensorflow as tf
 
 from dolg_tf.data.config import DataConfig
-from dolg_tf.data.images import OK, augment as augment_image
+from dolg_tf.data.images import OK, decode_augment
+from dolg_tf.data.images import augment as augment_image
 
 END = -1  # status of the end-of-epoch marker: neither kept nor counted
 from dolg_tf.data.skips import ALL_SOURCES
@@ -102,8 +103,13 @@ def train_dataset(
         position, handle = element
 
         def real():
-            status, image, label, key = source.load(handle, config.max_image_bytes, config.max_image_pixels)
-            return status, augment_image(image, position, config, image_size, seed, augment), label, key
+            payload, label, key = source.load(handle)
+            if source.encoded:
+                status, image = decode_augment(payload, position, config, image_size, seed, augment)
+            else:
+                status, image = tf.constant(OK, tf.int32), augment_image(payload, position, config, image_size,
+                                                                          seed, augment)
+            return status, image, label, key
 
         def end_marker():
             return (tf.constant(END, tf.int32), tf.zeros([image_size, image_size, 3]), tf.constant(0, tf.int32),

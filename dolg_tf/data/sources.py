@@ -22,7 +22,6 @@ import numpy as np
 import tensorflow as tf
 
 from dolg_tf.data.config import FORMATS, DataConfig
-from dolg_tf.data.images import OK, check_and_decode
 from dolg_tf.data.skips import ALL_SOURCES, SkipCounter
 from dolg_tf.errors import DataError
 
@@ -141,8 +140,12 @@ class TrainSource:
         """Handles of the elements of ``epochs`` epochs (None: forever), a pure function of ``seed``."""
         raise NotImplementedError
 
-    def load(self, handle, max_bytes: int, max_pixels: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-        """``(status, uint8 image (H, W, 3), int32 label, string key)`` of one handle (graph code)."""
+    #: Whether :meth:`load` gives encoded bytes (checked and decoded by the pipeline) or a
+    #: decoded uint8 ``(H, W, 3)`` image.
+    encoded: bool = True
+
+    def load(self, handle) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """``(image bytes or uint8 image, int32 label, string key)`` of one handle (graph code)."""
         raise NotImplementedError
 
     def iter_encoded(self, max_bytes: int) -> Iterator[tuple[int, str, bytes, int]]:
@@ -214,10 +217,9 @@ class FileSource(_IndexedSource):
     def paths(self) -> list[str]:
         return list(self._paths)
 
-    def load(self, handle, max_bytes, max_pixels):
+    def load(self, handle):
         path = tf.gather(self._tensor("paths", self._paths), handle)
-        status, image = check_and_decode(tf.io.read_file(path), max_bytes, max_pixels)
-        return status, image, tf.cast(tf.gather(self._tensor("labels", self._labels), handle), tf.int32), path
+        return tf.io.read_file(path), tf.cast(tf.gather(self._tensor("labels", self._labels), handle), tf.int32), path
 
     def iter_encoded(self, max_bytes):
         def read(i):
@@ -266,15 +268,16 @@ class DemoSource(_IndexedSource):
     def photos(self) -> list[np.ndarray]:
         return list(self._photos)
 
-    def load(self, handle, max_bytes, max_pixels):
-        del max_bytes, max_pixels  # trusted, already decoded
+    encoded = False  # trusted photos, decoded once and held in memory
+
+    def load(self, handle):
         start = tf.gather(self._tensor("offsets", self._offsets), handle)
         pixels = tf.slice(self._tensor("flat", self._flat), [start], [tf.gather(self._tensor("sizes", self._sizes), handle)])
         image = tf.reshape(pixels, tf.gather(self._tensor("shapes", self._shapes), handle))
         image.set_shape([None, None, 3])
         key = tf.gather(self._tensor("keys", self._keys), handle)
         label = tf.cast(tf.gather(self._tensor("labels", self._labels), handle), tf.int32)
-        return tf.constant(OK, tf.int32), image, label, key
+        return image, label, key
 
     def iter_encoded(self, max_bytes):
         from PIL import Image
@@ -361,10 +364,9 @@ class TFRecordSource(TrainSource):
 
         return tf.data.Dataset.range(epochs if epochs is not None else np.iinfo(np.int64).max).flat_map(one_epoch)
 
-    def load(self, handle, max_bytes, max_pixels):
+    def load(self, handle):
         data, label, key = handle
-        status, image = check_and_decode(data, max_bytes, max_pixels)
-        return status, image, tf.cast(label, tf.int32), key
+        return data, tf.cast(label, tf.int32), key
 
     def iter_encoded(self, max_bytes):
         parse = self._parse()
