@@ -64,6 +64,10 @@ class TrainConfig:
         seed: random seed (weights, data order, augmentation).
         model_dir: checkpoints, logs and config; empty = ``runs/dolg/<timestamp>``.
         resume: continue from the latest checkpoint in ``model_dir``.
+        exact_resume: on resume, fast-forward the input pipeline past the batches already
+            trained on (they are decoded again: costly after many epochs of a large dataset),
+            so a resumed run equals an uninterrupted one; False restarts the stream with a
+            new seed instead (cheap, different order).
         keep_checkpoints: how many checkpoints to keep.
         checkpoint_every: save every this many steps (and at every epoch end); 0 = epoch ends only.
         log_every: write TensorBoard scalars every this many steps.
@@ -82,7 +86,7 @@ class TrainConfig:
     data_format: str | None = None
     image_size: int = 96
     batch_size: int = 32
-    epochs: int = 6
+    epochs: int = 8
     steps_per_epoch: int = 40
     max_steps: int = 0
     lr: float = 0.1
@@ -113,6 +117,7 @@ class TrainConfig:
     seed: int = 0
     model_dir: str = ""
     resume: bool = False
+    exact_resume: bool = True
     keep_checkpoints: int = 3
     checkpoint_every: int = 100
     log_every: int = 10

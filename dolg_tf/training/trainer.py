@@ -170,28 +170,20 @@ def weights_digest(variables) -> str:
     return digest.hexdigest()
 
 
-def demo_retrieval(model: keras.Model, image_size: int, gallery_views: int = 2) -> dict[str, float]:
+def demo_retrieval(model: keras.Model, image_size: int) -> dict[str, float]:
     """Held-out retrieval on the built-in demo photos: mAP and recall@1/5.
 
-    Gallery and query views come from seeds the training pipeline never uses, so
-    every view is a transform the model has not seen.
+    The views (:func:`dolg_tf.data.demo_retrieval_split`, the same as ``dolg demo``'s)
+    are made with numpy transforms unlike the tf.data training augmentation, so
+    every query and gallery view is an image the model never trained on.
     """
-    from dolg_tf.demo_data import demo_views
-    from dolg_tf.evaluate import label_retrieval_metrics, rank_by_similarity
+    from dolg_tf.data import demo_retrieval_split, retrieval_metrics
 
-    gallery, gallery_labels, _ = demo_views(gallery_views, seed=90210, size=image_size)
-    queries, query_labels, _ = demo_views(1, seed=90211, size=image_size)
     embed = tf.function(
         lambda x: tf.cast(model(x, training=False), tf.float32),
         input_signature=[tf.TensorSpec([1, None, None, 3], tf.float32)],
     )
-
-    def embed_all(images):
-        return np.concatenate([embed(tf.constant(im[None], tf.float32)).numpy() for im in images])
-
-    metrics = label_retrieval_metrics(
-        rank_by_similarity(embed_all(queries), embed_all(gallery)), query_labels, gallery_labels
-    )
+    metrics = retrieval_metrics(lambda x: embed(tf.constant(x)).numpy(), demo_retrieval_split(image_size))
     return {k: round(float(v), 4) for k, v in metrics.items()}
 
 
@@ -258,8 +250,12 @@ class Trainer:
                 f"batch_size {config.batch_size} is not divisible by the {self.replicas} replicas in sync"
             )
         self._data = data_lib
-        self.source = data_lib.open_source(None if config.is_demo else config.data, config.data_format,
-                                           **(data_overrides or {}))
+        # The data config records the crop size, seed and sampling the run really uses.
+        self.source = data_lib.open_source(
+            None if config.is_demo else config.data, config.data_format,
+            image_size=config.image_size, seed=config.seed, class_balanced=config.class_balanced,
+            **(data_overrides or {}),
+        )
         if self.source.num_classes < 2:
             raise DataError(f"training needs at least 2 classes, the data has {self.source.num_classes}")
         self.steps_per_epoch = config.steps_per_epoch or max(1, self.source.num_examples // config.batch_size)
@@ -372,24 +368,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def _make_dataset(self) -> tf.distribute.DistributedDataset:
+    def make_dataset(self, start_step: int = 0) -> tf.distribute.DistributedDataset:
+        """The distributed input, positioned at ``start_step``.
+
+        The data module's stream is a pure function of (seed, position); a resumed run
+        skips the per-replica batches already consumed (``exact_resume``) or, cheaper,
+        starts a stream with another seed.
+        """
         config = self.config
+        seed = config.seed if (start_step == 0 or config.exact_resume) else config.seed + start_step
 
         def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-            return self._data.train_dataset(
+            ds = self._data.train_dataset(
                 self.source,
                 batch_size=ctx.get_per_replica_batch_size(config.batch_size),
                 image_size=config.image_size,
-                seed=config.seed,
+                seed=seed,
                 augment=config.augment,
                 class_balanced=config.class_balanced,
                 input_context=ctx,
                 repeat=True,
             )
+            if start_step and config.exact_resume:
+                per_pipeline = max(1, ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+                ds = ds.skip(start_step * per_pipeline)
+            return ds
+
+        if start_step and config.exact_resume:
+            log.info("fast-forwarding the input past the %d batches already trained on", start_step)
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
-    def _make_train_step(self) -> Callable:
+    def make_train_step(self) -> Callable:
         config = self.config
         strategy = self.strategy
         model, head, optimizer, variables = self.model, self.head, self.optimizer, self.variables
@@ -505,10 +515,7 @@ class Trainer:
         self.source.save_label_map(os.path.join(self.model_dir, LABEL_MAP_FILE))
 
     def _skipped_images(self) -> int:
-        counter = getattr(self._data, "skipped_images", None)
-        if callable(counter):
-            return int(counter())
-        return 0
+        return int(self._data.skipped_images(self.source))
 
     def fit(self) -> TrainResult:
         """Runs (or resumes) training, then evaluates and exports.
@@ -528,8 +535,8 @@ class Trainer:
                      before["mAP"], before["recall@1"])
         stop_at = min(self.total_steps, config.max_steps) if config.max_steps else self.total_steps
         writer = tf.summary.create_file_writer(os.path.join(self.model_dir, LOG_SUBDIR, "train")) if self.chief else None
-        train_step = self._make_train_step()
-        iterator = iter(self._make_dataset())
+        train_step = self.make_train_step()
+        iterator = iter(self.make_dataset(start_step))
         step = start_step
         losses, correct_total, seen = [], 0.0, 0
         timed_images, timed_seconds = 0, 0.0
@@ -589,7 +596,7 @@ class Trainer:
             writer.flush()
         skipped = self._skipped_images()
         if skipped:
-            log.warning("skipped %d corrupt or unreadable images", skipped)
+            log.warning("%s", self.source.skipped.summary())
         result = TrainResult(
             model_dir=self.model_dir,
             step=step,

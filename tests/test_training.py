@@ -1,0 +1,309 @@
+"""Training: configs, schedule, the distributed step (1 vs 2 replicas, 2 workers), resume, signals, errors.
+
+Runs that need their own device layout (two logical CPUs, two workers) or a signal
+run in subprocesses; the rest run in-process on the tiny preset at 64x64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dolg_tf.errors import ConfigError
+from dolg_tf.training import train_config
+from dolg_tf.training.config import TrainConfig, parse_value, split_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_PY = os.path.join(ROOT, "training", "train.py")
+# Small and fast: tiny preset, 64x64 crops, no held-out evaluation or export.
+FAST = ["--image-size", "64", "--batch-size", "8", "--no-export", "--set", "eval_demo=false", "-q"]
+
+
+def _env(**extra) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1",
+               TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="1", **extra)
+    env.pop("TF_CONFIG", None)
+    env.update(extra)
+    return env
+
+
+def _summary(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON summary in:\n{stdout[-2000:]}"
+    return json.loads(lines[-1])
+
+
+def _fast_config(tmp_path, name: str, **overrides) -> TrainConfig:
+    base = dict(image_size=64, batch_size=8, epochs=2, steps_per_epoch=2, lr=0.01, warmup_epochs=1.0,
+                export=False, eval_demo=False, progress=False, checkpoint_every=0,
+                model_dir=str(tmp_path / name))
+    base.update(overrides)
+    return train_config("tiny", **base)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_set_overrides_sections_and_values():
+    sections = {"train": ["lr", "seed", "model_dir"], "model": ["gem_p", "dilation_rates"], "data": ["seed", "hue"]}
+    out = split_overrides(
+        ["lr=0.05", "model.dilation_rates=[1,2,3]", "hue=0.1", "data.seed=3", "model_dir=runs/x"], sections
+    )
+    assert out == {"train": {"lr": 0.05, "model_dir": "runs/x"}, "model": {"dilation_rates": [1, 2, 3]},
+                   "data": {"hue": 0.1, "seed": 3}}
+    assert parse_value("true") is True and parse_value("none") is None and parse_value("1e-4") == 1e-4
+    with pytest.raises(ConfigError, match="ambiguous"):
+        split_overrides(["seed=1"], sections)
+    with pytest.raises(ConfigError, match="no config field"):
+        split_overrides(["nope=1"], sections)
+    with pytest.raises(ConfigError, match="key=value"):
+        split_overrides(["lr"], sections)
+
+
+def test_train_config_validation_and_presets():
+    assert train_config("resnet101").lr == 0.01 and train_config("resnet101").warmup_epochs == 5.0
+    paper = train_config("resnet50")
+    assert (paper.optimizer, paper.momentum, paper.nesterov, paper.weight_decay) == ("sgd", 0.9, True, 1e-4)
+    for bad in ({"strategy": "horovod"}, {"batch_size": 0}, {"lr": -1.0}, {"head_margin": 2.0},
+                {"image_size": 16}, {"warmup_epochs": 100.0}, {"mixed_precision": "fp8"}):
+        with pytest.raises(ConfigError):
+            train_config("tiny", **bad)
+    with pytest.raises(ConfigError, match="unknown TrainConfig"):
+        train_config("tiny", learning_rate=0.1)
+    cfg = train_config("tiny", lr=0.2)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_warmup_cosine_schedule_values():
+    from dolg_tf.training.optim import WarmupCosine
+
+    schedule = WarmupCosine(0.1, total_steps=20, warmup_steps=5, end_lr=0.001)
+    got = np.array([float(schedule(s)) for s in range(25)])
+    want = []
+    for s in range(25):
+        if s < 5:
+            want.append(0.1 * (s + 1) / 5)
+        else:
+            t = min((s - 5) / 15, 1.0)
+            want.append(0.001 + (0.1 - 0.001) * 0.5 * (1 + math.cos(math.pi * t)))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert WarmupCosine.from_config(schedule.get_config()).get_config() == schedule.get_config()
+
+
+def test_weight_decay_skips_batch_norm_bias_and_scalars():
+    from dolg_tf.model import build_dolg
+    from dolg_tf.training.optim import weight_decay_mask
+
+    model = build_dolg("tiny")
+    mask = weight_decay_mask(model.trainable_variables)
+    by_path = dict(zip((v.path for v in model.trainable_variables), mask))
+    assert any(by_path.values()) and not all(by_path.values())
+    for path, decayed in by_path.items():
+        name = path.rsplit("/", 1)[-1]
+        if name in ("gamma", "beta", "bias", "p"):
+            assert not decayed, path
+        if name == "kernel":
+            assert decayed, path
+    assert all(weight_decay_mask(model.trainable_variables, include_norm_and_bias=True))
+
+
+# --------------------------------------------------------------------------- distribution
+
+_MIRRORED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(2)
+    tf.config.threading.set_inter_op_parallelism_threads(2)
+    from dolg_tf.training.strategy import make_strategy
+    two = make_strategy("mirrored", cpu_replicas=2)   # splits the CPU before TF initialises
+    one = tf.distribute.MirroredStrategy(devices=["/cpu:0"])
+    import numpy as np
+    from dolg_tf.training import train_config
+    from dolg_tf.training.trainer import Trainer
+
+    out = {}
+    for name, strategy, sync in (("two", two, True), ("one", one, True), ("two_unsynced", two, False)):
+        cfg = train_config("tiny", epochs=1, steps_per_epoch=4, batch_size=16, image_size=64, lr=0.01,
+                           sync_batch_norm=sync, export=False, eval_demo=False, progress=False,
+                           model_dir=sys.argv[1] + "/" + name)
+        trainer = Trainer(cfg, strategy=strategy)
+        start = [v.numpy() for v in trainer.variables]
+        step, iterator = trainer.make_train_step(), iter(trainer.make_dataset())
+        losses = []
+        for i in range(3 if sync else 1):
+            loss, _, _ = step(iterator)
+            losses.append(float(loss))
+            if i == 0:
+                np.savez(sys.argv[1] + f"/{name}_update.npz",
+                         *[v.numpy() - s for v, s in zip(trainer.variables, start)])
+                np.savez(sys.argv[1] + f"/{name}_slots.npz", *[v.numpy() for v in trainer.optimizer.variables])
+        out[name] = {"replicas": trainer.replicas, "losses": losses, "sync_bn": trainer.sync_bn_layers}
+    print(json.dumps(out))
+    """
+)
+
+
+def _max_rel(a_path, b_path) -> float:
+    a, b = np.load(a_path), np.load(b_path)
+    assert a.files == b.files
+    x = np.concatenate([a[k].ravel() for k in a.files]).astype(np.float64)
+    y = np.concatenate([b[k].ravel() for k in b.files]).astype(np.float64)
+    return float(np.linalg.norm(x - y) / np.linalg.norm(x))
+
+
+@pytest.mark.integration
+def test_mirrored_two_replicas_match_one_replica(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          env=_env(PYTHONPATH=ROOT), timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = _summary(proc.stdout)
+    two, one, unsynced = out["two"], out["one"], out["two_unsynced"]
+    assert two["replicas"] == 2 and one["replicas"] == 1
+    assert two["sync_bn"] == 18 and unsynced["sync_bn"] == 0
+    # Learning: the loss falls over a few steps.
+    assert two["losses"][-1] < two["losses"][0] - 0.3, two["losses"]
+    # Same global batch, same examples, synchronized BN, one all-reduce: the same first step.
+    assert two["losses"][0] == pytest.approx(one["losses"][0], rel=1e-5)
+    # Per-replica BN statistics (half the batch each) would change the very first loss.
+    assert abs(unsynced["losses"][0] - one["losses"][0]) > 1e-3 * abs(one["losses"][0])
+    # The first update (weights and momentum). The gradient of this untrained network is
+    # sensitive to summation order: merely reordering one replica's batch moves it by ~1%
+    # (ill-conditioned BN channels), so allow 5%; a second all-reduce or a loss averaged per
+    # replica would be 100% off.
+    assert _max_rel(tmp_path / "one_update.npz", tmp_path / "two_update.npz") < 5e-2
+    assert _max_rel(tmp_path / "one_slots.npz", tmp_path / "two_slots.npz") < 5e-2
+    # Later steps drift apart as any two float orderings do in this from-scratch network.
+    np.testing.assert_allclose(two["losses"][:2], one["losses"][:2], rtol=1e-2)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.integration
+def test_multiworker_two_processes_end_with_identical_weights(tmp_path):
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        cmd = [sys.executable, TRAIN_PY, "--strategy", "multiworker", "--epochs", "1", "--steps-per-epoch", "2",
+               "--model-dir", str(tmp_path / "run"), *FAST, "--set", "progress=false"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=_env(TF_CONFIG=tf_config), cwd=str(tmp_path)))
+    outs = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, stderr[-3000:]
+        outs.append(_summary(stdout))
+    assert [o["replicas"] for o in outs] == [2, 2]
+    assert [o["step"] for o in outs] == [2, 2]
+    assert outs[0]["weights_sha256"] == outs[1]["weights_sha256"]
+    # Only the chief keeps checkpoints; the other worker's scratch copy is removed.
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith("ckpt-2")
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints", "config.json", "dolg.keras", "label_map.json",
+                                                    "logs"]
+
+
+# --------------------------------------------------------------------------- resume, signals, errors
+
+
+def test_resume_continues_step_lr_and_optimizer_slots(tmp_path):
+    from dolg_tf.training.trainer import Trainer
+
+    whole = Trainer(_fast_config(tmp_path, "whole"))
+    whole_result = whole.fit()
+    assert whole_result.step == 4 and whole_result.total_steps == 4
+
+    first = Trainer(_fast_config(tmp_path, "split", max_steps=2)).fit()
+    assert first.step == 2 and first.checkpoint.endswith("ckpt-2")
+    saved = tf.train.load_checkpoint(first.checkpoint)
+
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(_fast_config(tmp_path, "split"))
+    resumed = Trainer(_fast_config(tmp_path, "split", resume=True))
+    assert resumed.restore() == 2
+    assert int(resumed.optimizer.iterations.numpy()) == 2
+    assert resumed.current_lr() == pytest.approx(float(resumed.schedule(2)))
+    # The momentum slots are the saved ones, not fresh zeros.
+    slot_keys = [k for k in saved.get_variable_to_shape_map() if k.startswith("optimizer/_variables/")]
+    slots = {int(k.split("/")[2]): saved.get_tensor(k) for k in slot_keys}
+    assert any(np.abs(v).sum() > 0 for v in slots.values() if np.ndim(v))
+    for index, value in slots.items():
+        np.testing.assert_array_equal(resumed.optimizer.variables[index].numpy(), value)
+
+    result = resumed.fit()
+    assert result.step == 4 and int(resumed.optimizer.iterations.numpy()) == 4
+    assert result.learning_rate == pytest.approx(whole_result.learning_rate)
+    # Same data positions (the input is fast-forwarded), same state: the same weights and slots.
+    for a, b in zip(whole.model.weights + whole.head.weights, resumed.model.weights + resumed.head.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+    for a, b in zip(whole.optimizer.variables, resumed.optimizer.variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+    config = json.loads((tmp_path / "split" / "config.json").read_text())
+    assert set(config) == {"model", "data", "train", "run"}
+    assert config["data"]["image_size"] == 64 and config["model"]["backbone"] == "resnet_tiny"
+    assert config["run"]["num_classes"] == json.loads((tmp_path / "split" / "label_map.json").read_text())["num_classes"]
+    assert os.listdir(tmp_path / "split" / "logs" / "train")
+
+
+@pytest.mark.integration
+def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path):
+    model_dir = tmp_path / "run"
+    cmd = [sys.executable, TRAIN_PY, "--epochs", "1", "--steps-per-epoch", "500", "--model-dir", str(model_dir),
+           *FAST, "--set", "checkpoint_every=2", "--set", "progress=false"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    try:
+        deadline = time.time() + 180
+        while tf.train.latest_checkpoint(str(model_dir / "checkpoints")) is None:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    summary = _summary(stdout)
+    assert summary["interrupted"] == "SIGTERM"
+    assert 2 <= summary["step"] < 500
+    latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
+    assert latest.endswith(f"ckpt-{summary['step']}")
+    assert int(tf.train.load_variable(latest, "step/.ATTRIBUTES/VARIABLE_VALUE")) == summary["step"]
+
+
+def test_wrong_data_path_fails_before_training(tmp_path):
+    model_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, TRAIN_PY, "--data", str(tmp_path / "missing"), "--model-dir",
+                           str(model_dir), *FAST], capture_output=True, text=True, env=_env(), timeout=120,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]
+    assert len(errors) == 1 and "missing" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not model_dir.exists()
