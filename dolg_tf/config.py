@@ -136,6 +136,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 # The paper's inference scales; the official code also used 0.3535 and 0.5.
 PAPER_SCALES: tuple[float, ...] = (0.7071, 1.0, 1.4142)
 OFFICIAL_SCALES: tuple[float, ...] = (0.3535, 0.5, 0.7071, 1.0, 1.4142)
+# Per-image limits of an export (checked in the graph) and of the client (checked before sending).
+DEFAULT_MAX_IMAGE_BYTES: int = 20 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS: int = 40_000_000
 
 
 def model_config(preset: str = "resnet101", **overrides: Any) -> ModelConfig:

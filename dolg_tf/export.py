@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from dolg_tf.config import PAPER_SCALES
+from dolg_tf.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, PAPER_SCALES
 from dolg_tf.errors import ConfigError, ExportError
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,8 @@ class ExportConfig:
     image_size: int = 512
     resize: str = "aspect"
     scales: tuple[float, ...] = PAPER_SCALES
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_batch_size: int = 32
     antialias: bool = True
     warmup_batch_sizes: tuple[int, ...] = (1,)

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from dolg_tf.cli._common import parse_scales
+from dolg_tf.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from dolg_tf.errors import ConfigError
 
 
@@ -72,8 +73,8 @@ def register(sub) -> None:
     p.add_argument("--image-size", type=int, default=512, help="longer side (aspect) or side (fixed); default 512")
     p.add_argument("--resize", choices=["aspect", "fixed"], default="aspect", help="resize policy (default: aspect)")
     p.add_argument("--scales", type=parse_scales, default=(0.7071, 1.0, 1.4142), help="comma-separated scales")
-    p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES)
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--verify", action="store_true", help="run the export through TF's C API and compare with Keras")
     p.set_defaults(func=_cmd_export)

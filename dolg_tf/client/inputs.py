@@ -30,12 +30,12 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dolg_tf.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401 - re-exported
 from dolg_tf.errors import InvalidImageError
 
-# The export's defaults (dolg_tf.export.ExportConfig); the server enforces its own
-# values, these only let the client refuse an image before sending it.
-DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# DEFAULT_MAX_IMAGE_*: the export's defaults (one definition in dolg_tf.config, which
+# imports nothing heavy). The server enforces its own values; these only let the client
+# refuse an image before sending it.
 
 # Magic numbers of the formats the export's graph decodes (as its header check reads them).
 _MAGIC = (
