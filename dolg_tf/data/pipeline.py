@@ -10,6 +10,9 @@ from dolg_tf.data.images import OK, decode_augment
 from dolg_tf.data.images import augment as augment_image
 
 END = -1  # status of the end-of-epoch marker: neither kept nor counted
+# The pipeline functions have no Python control flow on tensors; skipping AutoGraph's
+# source conversion saves about a second per dataset built.
+_no_autograph = tf.autograph.experimental.do_not_convert
 from dolg_tf.data.skips import ALL_SOURCES
 from dolg_tf.data.sources import TrainSource
 from dolg_tf.errors import ConfigError, DataError
@@ -25,7 +28,7 @@ def _shard(ds: tf.data.Dataset, input_context: tf.distribute.InputContext, batch
     """
     pipelines, index = input_context.num_input_pipelines, input_context.input_pipeline_id
     chunk = batch_size * max(1, input_context.num_replicas_in_sync // pipelines)
-    return ds.filter(lambda position, handle: tf.equal((position // chunk) % pipelines, index))
+    return ds.filter(_no_autograph(lambda position, handle: tf.equal((position // chunk) % pipelines, index)))
 
 
 def train_dataset(
@@ -99,6 +102,7 @@ def train_dataset(
         end = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
         ds = ds.concatenate(tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), end[1])))
 
+    @_no_autograph
     def load(sequence, element):
         position, handle = element
 
@@ -131,10 +135,12 @@ def train_dataset(
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+@_no_autograph
 def _is_ok(status, image, label):
     return tf.equal(status, OK)
 
 
+@_no_autograph
 def _drop_status(status, image, label):
     return image, label
 
@@ -148,6 +154,7 @@ def _skip_counter(source: TrainSource, config: DataConfig):
         counter.record(int(status), key.numpy().decode("utf-8", "replace"), int(gap))
         return np.int64(0)
 
+    @_no_autograph
     def step(state, element):
         last, run = state
         sequence, status, image, label, key = element

@@ -34,6 +34,9 @@ TFRECORD_PATTERNS = ("*.tfrecord", "*.tfrecords", "*.tfrec", "*.tfrecord-*", "*.
 #: The TFRecord feature spec (see the README): encoded bytes, int64 label, optional key.
 FEATURE_IMAGE, FEATURE_LABEL, FEATURE_KEY = "image/encoded", "image/class/label", "image/key"
 
+# These dataset functions have no Python control flow on tensors: skip AutoGraph's conversion.
+_no_autograph = tf.autograph.experimental.do_not_convert
+
 # Tags that keep the random streams of different purposes independent for one seed.
 _TAG_SHUFFLE, _TAG_BALANCE, _TAG_FILES = 1, 2, 3
 
@@ -189,6 +192,9 @@ class _IndexedSource(TrainSource):
         n = self.num_examples
         per_example = self._tensor("factors", self.class_factors()[self._labels]) if class_balanced else None
 
+        @tf.autograph.experimental.do_not_convert
+
+        @_no_autograph
         def one_epoch(epoch):
             index = tf.range(n, dtype=tf.int64)
             if class_balanced:
@@ -318,6 +324,9 @@ class TFRecordSource(TrainSource):
                 tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.int64), tf.constant(values, tf.int64)), -1
             )
 
+        @tf.autograph.experimental.do_not_convert
+
+        @_no_autograph
         def parse(record):
             ex = tf.io.parse_single_example(record, spec)
             label = ex[FEATURE_LABEL] if table is None else table.lookup(ex[FEATURE_LABEL])
@@ -331,6 +340,9 @@ class TFRecordSource(TrainSource):
         factors = self._tensor("factors", self.class_factors())
         cycle = min(cycle_length, len(self._files))
 
+        @tf.autograph.experimental.do_not_convert
+
+        @_no_autograph
         def one_epoch(epoch):
             order = files
             if shuffle:
@@ -342,6 +354,9 @@ class TFRecordSource(TrainSource):
             if class_balanced:
                 balance_seed = epoch_seed(seed, _TAG_BALANCE, epoch)
 
+                @tf.autograph.experimental.do_not_convert
+
+                @_no_autograph
                 def repeat(i, element):
                     u = tf.random.stateless_uniform(
                         [], tf.random.experimental.stateless_fold_in(balance_seed, i), dtype=tf.float64)
@@ -354,6 +369,9 @@ class TFRecordSource(TrainSource):
                 # Dataset.shuffle it does not depend on TF's global seed.
                 window_seed = epoch_seed(seed, _TAG_SHUFFLE, epoch)
 
+                @tf.autograph.experimental.do_not_convert
+
+                @_no_autograph
                 def permute(w, window):
                     perm = seeded_permutation(tf.shape(window[1], tf.int64)[0],
                                               tf.random.experimental.stateless_fold_in(window_seed, w))
