@@ -12,7 +12,7 @@ from PIL import Image
 
 from dolg_tf import cli
 from dolg_tf import data
-from dolg_tf.data.images import OK, _header, _image_format, encoded_dims
+from dolg_tf.data.images import OK, TOO_MANY_PIXELS, _header, _image_format, check_encoded, encoded_dims
 from dolg_tf.errors import ConfigError, DataError
 
 # Three classes whose numeric order (7 < 12 < 30) differs from their string order.
@@ -165,6 +165,35 @@ def test_header_dimensions_match_the_decoded_image(fmt, kwargs):
     assert int(status) == OK and decoded.shape == image.shape
 
 
+def test_jpeg_bomb_is_rejected_from_its_header():
+    payload = bytearray(_encode(_photo(2)))
+    sof = payload.index(b"\xff\xc0")  # baseline frame header: length, precision, height, width
+    payload[sof + 5 : sof + 9] = struct.pack(">HH", 60000, 60000)
+    status, _, height, width = check_encoded(tf.constant(bytes(payload)), 10**6, 50_000_000)
+    assert int(status) == TOO_MANY_PIXELS and (int(height), int(width)) == (60000, 60000)
+
+
+def test_grey_alpha_16bit_and_animated_images_become_rgb(tmp_path):
+    grey = _photo(3)[..., 0]
+    frames = [Image.fromarray(_photo(3)), Image.fromarray(255 - _photo(3))]
+    files = {
+        "grey.jpg": _encode(grey),
+        "rgba.png": _encode(np.dstack([_photo(3), np.full(_photo(3).shape[:2], 128, np.uint8)]), "PNG"),
+        "deep.png": _encode(grey.astype(np.uint16) * 257, "PNG"),
+    }
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    files["anim.gif"] = buffer.getvalue()
+    for name, payload in files.items():
+        _write(tmp_path / name.split(".")[0] / name, payload)
+    source = data.open_source(str(tmp_path))
+    out = dict((source.class_names[y], x) for y, x in _elements(source, augment=False, image_size=24))
+    assert set(out) == {"grey", "rgba", "deep", "anim"} and data.skipped_images(source) == 0
+    for name in ("grey", "deep"):  # one channel copied into three
+        assert np.array_equal(out[name][..., 0], out[name][..., 1]) and np.array_equal(out[name][..., 0], out[name][..., 2])
+    assert not np.array_equal(out["rgba"][..., 0], out["rgba"][..., 2])  # colour kept, alpha dropped
+
+
 def test_bad_data_raises_before_training(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         data.open_source(str(tmp_path / "nowhere"))
@@ -258,6 +287,10 @@ def test_class_balanced_sampling_balances(imbalanced, layout):
         return np.bincount(labels, minlength=3) / len(labels)
 
     np.testing.assert_allclose(frequencies(False), [1 / 12, 2 / 12, 9 / 12], atol=0.02)
+    # Batch 6 twice == batch 12 once, here too (TFRecords: windowed stateless shuffle).
+    whole = _batches(data.train_dataset(source, batch_size=12, image_size=8, seed=1, config=config), 2)
+    halves = _batches(data.train_dataset(source, batch_size=6, image_size=8, seed=1, config=config), 4)
+    assert np.array_equal(np.concatenate([x for x, _ in halves]), np.concatenate([x for x, _ in whole]))
     np.testing.assert_allclose(frequencies(True), [1 / 3, 1 / 3, 1 / 3], atol=0.06)
 
 
