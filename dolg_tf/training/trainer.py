@@ -249,6 +249,11 @@ class Trainer:
             raise ConfigError(
                 f"batch_size {config.batch_size} is not divisible by the {self.replicas} replicas in sync"
             )
+        if config.jit and config.sync_batch_norm and self.replicas > 1:
+            raise ConfigError(
+                f"--jit cannot compile synchronized batch norm across {self.replicas} replicas (its all-reduce "
+                "runs outside XLA); drop --jit or pass --set sync_batch_norm=false"
+            )
         self._data = data_lib
         # The data config records the crop size, seed and sampling the run really uses.
         self.source = data_lib.open_source(
@@ -298,7 +303,10 @@ class Trainer:
                 self.model = build_dolg(
                     config.preset, backbone_weights=config.backbone_weights, **self._model_overrides()
                 )
-                self.sync_bn_layers = enable_sync_batch_norm(self.model) if config.sync_batch_norm else 0
+                # One replica's statistics are the global batch's already; XLA (--jit) cannot
+                # compile the cross-replica all-reduce, so sync only when there is more than one.
+                sync = config.sync_batch_norm and self.replicas > 1
+                self.sync_bn_layers = enable_sync_batch_norm(self.model) if sync else 0
                 self.head = build_head(config, self.source.num_classes, getattr(self.source, "class_counts", None))
                 self.head.build([(None, self.model_config.embedding_dim), (None,)])
                 self.variables = list(self.model.trainable_variables) + list(self.head.trainable_variables)
