@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -557,7 +558,9 @@ class Trainer:
                 if progbar is None or in_epoch == 0:
                     if config.progress and self.chief:
                         print(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
-                        progbar = keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=["images/s", "lr"])
+                        # A terminal gets a live bar; a log file one summary line per epoch.
+                        progbar = keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=["images/s", "lr"],
+                                                      verbose=1 if sys.stdout.isatty() else 2)
                     else:
                         progbar = False
                     losses, correct_total, seen = [], 0.0, 0
