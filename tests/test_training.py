@@ -311,3 +311,27 @@ def test_wrong_data_path_fails_before_training(tmp_path):
     assert len(errors) == 1 and "missing" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not model_dir.exists()
+
+
+def test_dolg_train_and_train_py_share_flags_and_reject_bad_overrides(capsys, tmp_path):
+    import argparse
+
+    from dolg_tf.cli import build_parser
+    from dolg_tf.training.cli import PARSER_KWARGS, add_train_arguments, main
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    dolg_train = {s for a in sub.choices["train"]._actions for s in a.option_strings}
+    train_py = {s for a in add_train_arguments(argparse.ArgumentParser(**PARSER_KWARGS))._actions
+                for s in a.option_strings}
+    assert dolg_train == train_py
+    for flag in ("--strategy", "--preset", "--data", "--data-format", "--image-size", "--batch-size", "--epochs",
+                 "--steps-per-epoch", "--lr", "--optimizer", "--head", "--mixed-precision", "--jit", "--model-dir",
+                 "--resume", "--no-resume", "--export", "--no-export", "--set"):
+        assert flag in train_py, flag
+    for bad, words in ((["--set", "learning_rate=1"], "no config field"),
+                       (["--set", "model.gem_p=-1"], "gem_p"),
+                       (["--lr", "-0.1"], "lr")):
+        assert main([*bad, "--model-dir", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("train: error:") and words in err[0], err
+    assert not (tmp_path / "x").exists()
