@@ -335,3 +335,22 @@ def test_dolg_train_and_train_py_share_flags_and_reject_bad_overrides(capsys, tm
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("train: error:") and words in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_float16_dynamic_loss_scaling_skips_overflowing_steps(tmp_path):
+    from dolg_tf.training.trainer import Trainer
+
+    trainer = Trainer(_fast_config(tmp_path, "fp16", mixed_precision="float16", head="curricularface"))
+    assert trainer.model.compute_dtype == "float16" and trainer.head.compute_dtype == "float32"
+    step, iterator = trainer.make_train_step(), iter(trainer.make_dataset())
+    applied = []
+    for _ in range(6):
+        loss, _, norm = step(iterator)
+        assert np.isfinite(float(loss))
+        applied.append(bool(np.isfinite(float(norm))))
+    # 2^15 overflows this network's float16 gradients: those steps are skipped (no optimizer
+    # iteration, scale halved) until the scale fits, then updates resume.
+    assert not applied[0] and applied[-1]
+    assert int(trainer.optimizer.iterations.numpy()) == sum(applied)
+    assert float(trainer.loss_scale.numpy()) == 32768.0 / 2 ** applied.count(False)
+    assert all(np.isfinite(v.numpy()).all() for v in trainer.model.trainable_variables)
