@@ -126,7 +126,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
     sets = split_overrides(args.overrides, sections)
     flags = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name, None) is not None}
     preset = sets["train"].pop("preset", args.preset)
-    config = train_config(preset, **flags, **sets["train"])
+    config = train_config(preset, **{**flags, **sets["train"]})  # --set wins over a flag
     # Building the model config validates the model overrides before anything heavy runs.
     from dolg_tf.config import model_config
 
