@@ -294,6 +294,21 @@ def test_class_balanced_sampling_balances(imbalanced, layout):
     np.testing.assert_allclose(frequencies(True), [1 / 3, 1 / 3, 1 / 3], atol=0.06)
 
 
+def test_shard_files_splits_tfrecords_between_pipelines(imbalanced):
+    source = data.open_source(str(imbalanced / "records"), shard_files=True)
+    everything = sorted((y, x.tobytes()) for y, x in _elements(source, augment=False))
+    parts = []
+    for k in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=k, num_replicas_in_sync=2)
+        parts.append(sorted((y, x.tobytes()) for y, x in _elements(source, augment=False, input_context=ctx)))
+    assert len(parts[0]) == 8 and len(parts[1]) == 4  # shards 0 and 2 vs shard 1 (4 records each)
+    assert sorted(parts[0] + parts[1]) == everything
+    with pytest.raises(DataError, match="shard_files applies to TFRecord"):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=0, num_replicas_in_sync=2)
+        folder = data.open_source(str(imbalanced / "folder"), shard_files=True)
+        data.train_dataset(folder, batch_size=2, image_size=8, input_context=ctx)
+
+
 def test_foreign_tfrecords_are_scanned_and_remapped(tmp_path):
     with tf.io.TFRecordWriter(str(tmp_path / "x.tfrecord")) as writer:
         for i, label in enumerate([905, 12, 905]):

@@ -39,6 +39,10 @@ class DataConfig:
             pipeline with an error instead of spinning forever on broken data.
         min_class_size: classes with fewer images are left out when the source is opened.
         cycle_length: TFRecord shards read in parallel.
+        shard_files: with several input pipelines (workers), give each pipeline its own
+            TFRecord files (file i to pipeline i mod W) instead of every pipeline reading
+            every record and keeping its chunks. W times less I/O, but which images a
+            replica sees then depends on the number of workers.
     """
 
     data: str | None = None
@@ -58,6 +62,7 @@ class DataConfig:
     max_consecutive_skips: int = 1000
     min_class_size: int = 1
     cycle_length: int = 8
+    shard_files: bool = False
 
     def __post_init__(self):
         self.validate()

@@ -64,7 +64,8 @@ def train_dataset(
             each example is drawn ``(N / C) / count(class)`` times per epoch, stochastically
             rounded).
         input_context: from ``strategy.distribute_datasets_from_function``; shards by
-            ``input_pipeline_id`` / ``num_input_pipelines``.
+            ``input_pipeline_id`` / ``num_input_pipelines`` (by element chunks, or by
+            TFRecord file with ``config.shard_files``).
         repeat: loop over epochs forever (each with its own order); False: one epoch.
         shuffle: False keeps the source's order (evaluation, tests).
         config: augmentation strengths and image bounds (default: ``source.config``, from
@@ -91,9 +92,14 @@ def train_dataset(
         raise DataError(f"{source.description}: one epoch has fewer images than one batch "
                         f"({batch_size} x {pipelines} pipeline(s)); use repeat=True or a smaller batch")
 
+    by_file = pipelines > 1 and config.shard_files
     ds = source.ordered(epochs=None if repeat else 1, shuffle=shuffle, class_balanced=class_balanced, seed=seed,
-                        shuffle_buffer=config.shuffle_buffer, cycle_length=config.cycle_length).enumerate()
-    if pipelines > 1:
+                        shuffle_buffer=config.shuffle_buffer, cycle_length=config.cycle_length,
+                        file_shard=(pipelines, input_context.input_pipeline_id) if by_file else None).enumerate()
+    if by_file:
+        # Interleave the pipelines' positions so that no two elements share augmentation seeds.
+        ds = ds.map(_no_autograph(lambda p, handle: (p * pipelines + input_context.input_pipeline_id, handle)))
+    elif pipelines > 1:
         ds = _shard(ds, input_context, batch_size)
 
     if not repeat:

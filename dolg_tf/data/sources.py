@@ -139,8 +139,11 @@ class TrainSource:
 
     # The two halves of the pipeline; see dolg_tf.data.pipeline.
     def ordered(self, *, epochs: int | None, shuffle: bool, class_balanced: bool, seed: int,
-                shuffle_buffer: int, cycle_length: int) -> tf.data.Dataset:
-        """Handles of the elements of ``epochs`` epochs (None: forever), a pure function of ``seed``."""
+                shuffle_buffer: int, cycle_length: int, file_shard: tuple[int, int] | None = None) -> tf.data.Dataset:
+        """Handles of the elements of ``epochs`` epochs (None: forever), a pure function of ``seed``.
+
+        ``file_shard=(W, k)`` (TFRecords only): read only the files ``i`` with ``i % W == k``.
+        """
         raise NotImplementedError
 
     #: Whether :meth:`load` gives encoded bytes (checked and decoded by the pipeline) or a
@@ -187,8 +190,10 @@ class _IndexedSource(TrainSource):
         """Class index of every example, in example order."""
         return self._labels
 
-    def ordered(self, *, epochs, shuffle, class_balanced, seed, shuffle_buffer, cycle_length):
+    def ordered(self, *, epochs, shuffle, class_balanced, seed, shuffle_buffer, cycle_length, file_shard=None):
         del shuffle_buffer, cycle_length  # a global permutation needs neither
+        if file_shard is not None:
+            raise DataError(f"shard_files applies to TFRecord data, not to {self.kind}")
         n = self.num_examples
         per_example = self._tensor("factors", self.class_factors()[self._labels]) if class_balanced else None
 
@@ -334,11 +339,19 @@ class TFRecordSource(TrainSource):
 
         return parse
 
-    def ordered(self, *, epochs, shuffle, class_balanced, seed, shuffle_buffer, cycle_length):
+    def ordered(self, *, epochs, shuffle, class_balanced, seed, shuffle_buffer, cycle_length, file_shard=None):
         files = self._tensor("files", self._files)
+        if file_shard is not None:
+            pipelines, index = file_shard
+            if len(self._files) < pipelines:
+                raise DataError(f"{self.description}: shard_files needs at least one file per input pipeline "
+                                f"({pipelines}); write more shards (dolg data to-tfrecord --shards N)")
+            files = files[index::pipelines]
+            # Each pipeline its own random streams: its files differ anyway.
+            seed = int(np.random.SeedSequence([seed, pipelines, index]).generate_state(1)[0] >> 1)
         parse = self._parse()
         factors = self._tensor("factors", self.class_factors())
-        cycle = min(cycle_length, len(self._files))
+        cycle = min(cycle_length, int(files.shape[0]))
 
         @tf.autograph.experimental.do_not_convert
 
