@@ -354,3 +354,24 @@ def test_float16_dynamic_loss_scaling_skips_overflowing_steps(tmp_path):
     assert int(trainer.optimizer.iterations.numpy()) == sum(applied)
     assert float(trainer.loss_scale.numpy()) == 32768.0 / 2 ** applied.count(False)
     assert all(np.isfinite(v.numpy()).all() for v in trainer.model.trainable_variables)
+
+
+def test_corrupt_image_is_skipped_and_counted_by_the_run(tmp_path):
+    from PIL import Image
+
+    from dolg_tf.training.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.jpg")
+    (tmp_path / "data" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    trainer = Trainer(_fast_config(tmp_path, "run", data=str(tmp_path / "data"), batch_size=4, epochs=1,
+                                   steps_per_epoch=3, warmup_epochs=0.0, eval_demo=True))
+    assert trainer.source.num_classes == 2 and trainer.source.num_examples == 9
+    result = trainer.fit()
+    assert result.step == 3 and np.isfinite(result.loss)
+    assert result.skipped_images >= 1
+    assert result.before is None and result.after is None  # the demo evaluation is for demo data only
