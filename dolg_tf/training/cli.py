@@ -182,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Checkpoint saving logs a line per save at INFO through absl; keep the console readable.
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    # absl (a line per checkpoint save) and tf.distribute (a line per all-reduce set-up) are chatty
+    # at INFO; the trainer logs the strategy and replica count itself.
+    for name in ("absl", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return run(args)
     except DolgError as err:
