@@ -141,9 +141,12 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
     assert len(_elements(records, augment=False)) == 3 and data.skipped_images(records) == 4
 
 
-def test_endless_skipping_stops_with_an_error(tmp_path):
+@pytest.mark.parametrize("payload", [b"junk", b"\xff\xd8\xff\xe0 truncated JPEG"])
+def test_endless_skipping_stops_with_an_error(tmp_path, payload):
+    # Junk is rejected by its header; a truncated JPEG makes the decoder raise, so nothing
+    # reaches the counter and only the watchdog can stop the loop.
     for i in range(4):
-        _write(tmp_path / "c" / f"{i}.jpg", b"junk")
+        _write(tmp_path / "c" / f"{i}.jpg", payload)
     source = data.open_source(str(tmp_path))
     ds = data.train_dataset(source, batch_size=2, image_size=16, config=data.DataConfig(max_consecutive_skips=10))
     with pytest.raises(tf.errors.InvalidArgumentError, match="10 images in a row"):

@@ -9,7 +9,8 @@ from dolg_tf.data.config import DataConfig
 from dolg_tf.data.images import OK, decode_augment
 from dolg_tf.data.images import augment as augment_image
 
-END = -1  # status of the end-of-epoch marker: neither kept nor counted
+# Status of the markers: end of epoch (neither kept nor counted), and decoding stuck.
+END, STUCK = -1, -2
 # The pipeline functions have no Python control flow on tensors; skipping AutoGraph's
 # source conversion saves about a second per dataset built.
 _no_autograph = tf.autograph.experimental.do_not_convert
@@ -109,7 +110,7 @@ def train_dataset(
         ds = ds.concatenate(tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), end[1])))
 
     @_no_autograph
-    def load(sequence, element):
+    def load(sequence, element, stuck):
         position, handle = element
 
         def real():
@@ -121,16 +122,30 @@ def train_dataset(
                                                                           seed, augment)
             return status, image, label, key
 
-        def end_marker():
-            return (tf.constant(END, tf.int32), tf.zeros([image_size, image_size, 3]), tf.constant(0, tf.int32),
-                    tf.constant(""))
+        def marker():
+            status = tf.where(stuck, STUCK, END)
+            return status, tf.zeros([image_size, image_size, 3]), tf.constant(0, tf.int32), tf.constant("")
 
-        return (sequence, *tf.cond(position >= 0, real, end_marker))
+        return (sequence, *tf.cond(tf.logical_and(position >= 0, tf.logical_not(stuck)), real, marker))
 
     # The decoder raises on truncated or corrupt files; ignore_errors drops those elements,
-    # and the gap they leave in the sequence numbers counts them.
-    ds = ds.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    ds = ds.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), _skip_counter(source, config))
+    # and the gap they leave in the sequence numbers counts them. If every element were
+    # dropped, nothing would reach the counter and the pipeline would spin in silence (and
+    # ignore_errors swallows any error raised upstream): so the counter publishes the last
+    # sequence number it saw, and an element entering the decoder too far ahead of it
+    # becomes a STUCK marker, which is not decoded, reaches the counter and stops the run.
+    progress = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)
+    limit = config.max_consecutive_skips
+
+    @_no_autograph
+    def watchdog(sequence, element):
+        # The slack covers the elements the parallel decoder holds in flight.
+        stuck = sequence - progress.lookup(tf.constant(0, tf.int64)) > limit + _IN_FLIGHT
+        return sequence, element, stuck
+
+    ds = ds.enumerate().map(watchdog)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    ds = ds.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), _skip_counter(source, config, progress))
     ds = ds.filter(_is_ok).map(_drop_status)
     ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
@@ -151,7 +166,17 @@ def _drop_status(status, image, label):
     return image, label
 
 
-def _skip_counter(source: TrainSource, config: DataConfig):
+# Elements the parallel decoder, ignore_errors and scan may hold between the watchdog and
+# the counter (AUTOTUNE buffers stay far below this).
+_IN_FLIGHT = 4096
+
+
+def _stuck(limit: int) -> str:
+    return (f"{limit} images in a row were unreadable or out of bounds; the data looks broken "
+            f"(see the 'skipped' warnings; DataConfig.max_consecutive_skips)")
+
+
+def _skip_counter(source: TrainSource, config: DataConfig, progress: tf.lookup.experimental.MutableHashTable):
     """The scan step that counts skips (python only on a skip) and stops on endless ones."""
     counter = source.skipped
     limit = config.max_consecutive_skips
@@ -165,15 +190,14 @@ def _skip_counter(source: TrainSource, config: DataConfig):
         last, run = state
         sequence, status, image, label, key = element
         gap = sequence - last - 1
-        bad = gap + tf.cast(tf.logical_and(tf.not_equal(status, OK), tf.not_equal(status, END)), tf.int64)
+        bad = gap + tf.cast(status > OK, tf.int64)  # the markers (END, STUCK) are negative
         noted = tf.cond(bad > 0, lambda: tf.py_function(record, [status, key, gap], tf.int64),
                         lambda: tf.constant(0, tf.int64))
         run = tf.where(tf.equal(status, OK), tf.constant(0, tf.int64), run + bad) + noted
-        check = tf.debugging.assert_less(
-            run, tf.constant(limit, tf.int64),
-            message=f"{limit} images in a row were unreadable or out of bounds; the data looks broken "
-                    f"(see the 'skipped' warnings; DataConfig.max_consecutive_skips)")
-        with tf.control_dependencies([check]):
+        check = tf.debugging.Assert(
+            tf.logical_and(run < limit, tf.not_equal(status, STUCK)), [tf.constant(_stuck(limit))])
+        publish = progress.insert(tf.constant([0], tf.int64), tf.reshape(sequence, [1]))
+        with tf.control_dependencies([check, publish]):
             status = tf.identity(status)
         return (sequence, run), (status, image, label)
 
