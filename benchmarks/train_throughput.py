@@ -143,6 +143,7 @@ def main() -> int:
                                args.mixed_precision)), flush=True)
         return 0
     budget = _available_bytes() * args.memory_fraction
+    load_start = [round(x, 2) for x in os.getloadavg()]
     results = []
     for size in (int(s) for s in args.sizes.split(",")):
         runs = [r for r in (_run_child(args, size, int(b)) for b in args.batches.split(",")) if r]
@@ -155,7 +156,8 @@ def main() -> int:
                     run["largest_fitting"] = True
                     results.append(run)
     print(json.dumps({"benchmark": "train_throughput", "memory_budget_gb": round(budget / 2**30, 1),
-                      "cpu_count": os.cpu_count(), "results": results}))
+                      "cpu_count": os.cpu_count(), "load_average_start": load_start,
+                      "load_average_end": [round(x, 2) for x in os.getloadavg()], "results": results}))
     for r in results:
         tag = " (largest predicted to fit)" if r.get("largest_fitting") else ""
         print(f"{r['preset']} {r['image_size']}x{r['image_size']} batch {r['batch']}{tag}: "
