@@ -363,6 +363,8 @@ def test_model_status_grpc_and_rest(server):
     status, body = server.http("GET", "/v1/models/dolg/versions/2")
     assert status == 200, body
     assert body == {"model_version_status": [{"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    status, body = server.http("GET", "/v1/models/dolg/labels/stable")
+    assert status == 200 and [s["version"] for s in body["model_version_status"]] == ["1"], body
     status, body = server.http("GET", "/v1/models/dolg/versions/42")
     assert status == 404 and "42" in body["error"]
     status, body = server.http("GET", "/v1/nonsense/path")
@@ -502,11 +504,24 @@ def test_new_version_is_picked_up_without_restart(server):
     _assert_close(
         tf.make_ndarray(latest.outputs["embedding"]), server.reference(3, "serving_default", images=tf.constant([GOOD_JPEG]))
     )
-    # A half-written directory (no saved_model.pb yet) is ignored, not reported as failed.
+    # A half-written directory (no saved_model.pb yet) is ignored; a corrupt version fails alone
+    # (state END with its error) while the others keep serving.
     os.makedirs(os.path.join(server.base, "4", "variables"))
-    time.sleep(1.5)
-    status, body = server.http("GET", "/v1/models/dolg")
-    assert status == 200 and {s["version"] for s in body["model_version_status"]} == {"1", "2", "3"}
+    os.makedirs(os.path.join(server.base, "5"))
+    with open(os.path.join(server.base, "5", "saved_model.pb"), "wb") as f:
+        f.write(b"this is not a SavedModel")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status, body = server.http("GET", "/v1/models/dolg")
+        states = {s["version"]: s for s in body["model_version_status"]}
+        if "5" in states and states["5"]["state"] == "END":
+            break
+        time.sleep(0.5)
+    assert set(states) == {"1", "2", "3", "5"}, body
+    assert states["5"]["status"]["error_code"] != "OK" and "failed to load" in states["5"]["status"]["error_message"]
+    assert all(states[v]["state"] == "AVAILABLE" for v in ("1", "2", "3"))
+    latest = server.predict.Predict(_bytes_request([GOOD_JPEG]), timeout=60)
+    assert latest.model_spec.version.value == 3
 
 
 def test_sigterm_stops_cleanly(server):

@@ -368,7 +368,8 @@ def start_rest_server(
 ) -> tuple[ThreadingHTTPServer, threading.Thread, int]:
     """Starts the REST server in a thread; returns it, the thread and the bound port."""
     handler = type("DolgRestHandler", (_Handler,), {"api": RestApi(manager), "max_body_bytes": max_body_bytes})
-    server = _Server((host, port), handler)
+    server_class = type("DolgRestServer6", (_Server,), {"address_family": socket.AF_INET6}) if ":" in host else _Server
+    server = server_class((host, port), handler)
     thread = threading.Thread(target=server.serve_forever, name="dolg-rest", daemon=True)
     thread.start()
     return server, thread, server.server_address[1]
