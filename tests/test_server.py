@@ -233,6 +233,39 @@ def test_version_policy_and_labels_parse_and_reject():
         parse_version_labels("stable:1")
 
 
+def test_serve_cli_rejects_bad_arguments(tmp_path, capsys):
+    from dolg_tf.cli import main
+
+    assert main(["serve", "--model-base-path", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["serve", "--model-base-path", str(tmp_path), "--version-policy", "newest"]) == 2
+    assert "version policy" in capsys.readouterr().err
+    assert main(["serve", "--model-base-path", str(tmp_path), "--port", "70000"]) == 2
+    assert "TCP port" in capsys.readouterr().err
+
+
+def test_sigterm_while_waiting_for_a_first_version(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
+    cmd = [
+        sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
+        "serve", "--model-base-path", str(tmp_path), "--port", "0", "--rest-api-port", "0",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        seen = ""
+        while "waiting" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stderr], [], [], 0.5)[0]:
+                seen += proc.stderr.readline()
+        assert "no servable version" in seen, seen
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and '"stopped": true' in out
+
+
 def test_rest_json_conversion_is_strict():
     pixels = json_to_array([[[1, 2, 3]]], tf.uint8, "x")
     assert pixels.dtype == np.uint8 and pixels.shape == (1, 1, 3)

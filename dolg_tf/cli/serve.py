@@ -26,9 +26,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from dolg_tf.server import DolgServer, ServeOptions, VersionPolicy, parse_version_labels
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     options = ServeOptions(
         model_base_path=args.model_base_path,
         model_name=args.model_name,
@@ -43,7 +40,38 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup,
         wait_for_model_s=args.wait_for_model_seconds,
     )
-    server = DolgServer(options).start()
+    stop = threading.Event()
+    # Installed before loading (a SIGTERM while loading must still stop cleanly) and restored after.
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _serve_until_stopped(DolgServer(options), options, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve_until_stopped(server, options, stop: threading.Event) -> int:
+    # Start in a thread: waiting for a first version can take long (or forever), and a
+    # signal must still end the process cleanly.
+    failure: list[BaseException] = []
+
+    def start():
+        try:
+            server.start()
+        except BaseException as err:  # re-raised in the main thread
+            failure.append(err)
+
+    starting = threading.Thread(target=start, name="dolg-serve-start", daemon=True)
+    starting.start()
+    while starting.is_alive() and not stop.wait(0.2):
+        pass
+    if starting.is_alive():  # stopped while the first version was still loading
+        server.manager.stop()
+        print(json.dumps({"stopped": True}), flush=True)
+        return 0
+    if failure:
+        server.stop()
+        raise failure[0]
     print(
         json.dumps(
             {

@@ -385,13 +385,15 @@ class ModelManager:
     def wait_until_available(self, timeout_s: float | None = None, poll_seconds: float = 1.0) -> None:
         """Blocks until a version is available (TF Serving also waits before opening its ports)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        level = logging.WARNING
         while True:
             self.poll_once()
             if self.available_versions():
                 return
             if deadline is not None and time.monotonic() > deadline:
                 raise ServingError(f"no loadable version of {self.model_name} under {self.base_path} after {timeout_s} s")
-            logger.warning("no servable version of %s under %s yet; waiting", self.model_name, self.base_path)
+            logger.log(level, "no servable version of %s under %s yet; waiting", self.model_name, self.base_path)
+            level = logging.DEBUG  # say it once
             if self._stop.wait(poll_seconds):
                 raise ServingError("stopped while waiting for a version")
 
