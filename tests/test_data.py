@@ -133,12 +133,28 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
     assert reasons["not a JPEG/PNG/GIF/BMP/WebP image"] == 1
     assert reasons["empty file"] == 1
     assert reasons["header announces more than max_image_pixels"] == 1
-    assert "bomb.png" in caplog.text and "5 images skipped" in source.skipped.summary()
+    for name in ("bomb.png", "truncated.jpg", "missing.jpg", "text.jpg", "empty.jpg"):
+        assert name in caplog.text  # every skip is logged by name, decode errors too
+    assert "5 images skipped" in source.skipped.summary()
     # The same files through TFRecords: still skipped and counted.
     data.write_tfrecords(source, str(tmp_path / "rec"), num_shards=2, progress=False)
     records = data.open_source(str(tmp_path / "rec"))
     assert records.num_examples == 7  # the missing file cannot be written
     assert len(_elements(records, augment=False)) == 3 and data.skipped_images(records) == 4
+
+
+def test_iterators_of_one_dataset_keep_separate_books(tmp_path):
+    for i in range(5):
+        _write(tmp_path / "a" / f"{i}.jpg", _encode(_photo(i)))
+    _write(tmp_path / "a" / "cut.jpg", _encode(_photo(9))[:200])
+    source = data.open_source(str(tmp_path))
+    ds = data.train_dataset(source, batch_size=1, image_size=16, repeat=False, shuffle=False, augment=False)
+    first, second = iter(ds), iter(ds)
+    a = [next(first)[1].numpy() for _ in range(2)]  # interleave the two iterators
+    b = [y.numpy() for _, y in second]
+    a += [y.numpy() for _, y in first]
+    assert len(a) == len(b) == 5 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert source.skipped.by_reason() == {"read or decode error (missing, truncated or corrupt)": 2}
 
 
 @pytest.mark.parametrize("payload", [b"junk", b"\xff\xd8\xff\xe0 truncated JPEG"])

@@ -134,18 +134,37 @@ def train_dataset(
     # ignore_errors swallows any error raised upstream): so the counter publishes the last
     # sequence number it saw, and an element entering the decoder too far ahead of it
     # becomes a STUCK marker, which is not decoded, reaches the counter and stops the run.
+    # It also keeps the keys of the elements in flight, so a dropped one is logged by name.
+    # The tables are shared by every iterator of this dataset, so each iterator numbers its
+    # elements from its own base: ident * _ITERATOR.
     progress = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)
+    in_flight = tf.lookup.experimental.MutableHashTable(tf.int64, tf.string, default_value="")
+    iterators = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=-1)
     limit = config.max_consecutive_skips
 
     @_no_autograph
-    def watchdog(sequence, element):
-        # The slack covers the elements the parallel decoder holds in flight.
-        stuck = sequence - progress.lookup(tf.constant(0, tf.int64)) > limit + _IN_FLIGHT
-        return sequence, element, stuck
+    def watchdog(ident, item):
+        local, element = item
 
-    ds = ds.enumerate().map(watchdog)
+        def new_ident():
+            fresh = iterators.lookup(tf.constant(0, tf.int64)) + 1
+            with tf.control_dependencies([iterators.insert(tf.constant([0], tf.int64), tf.reshape(fresh, [1]))]):
+                return tf.identity(fresh)
+
+        ident = tf.cond(ident < 0, new_ident, lambda: ident)
+        sequence = ident * _ITERATOR + local
+        published = progress.lookup(ident)
+        done = tf.where(published < 0, tf.constant(-1, tf.int64), published - ident * _ITERATOR)
+        # The slack covers the elements the parallel decoder holds in flight.
+        stuck = local - done > limit + _IN_FLIGHT
+        position, handle = element
+        keep = in_flight.insert(tf.reshape(sequence, [1]), tf.reshape(source.key(handle), [1]))
+        with tf.control_dependencies([keep]):
+            return ident, (tf.identity(sequence), element, stuck)
+
+    ds = ds.enumerate().scan(tf.constant(-1, tf.int64), watchdog)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    ds = ds.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), _skip_counter(source, config, progress))
+    ds = ds.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), _skip_counter(source, config, progress, in_flight))
     ds = ds.filter(_is_ok).map(_drop_status)
     ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
@@ -169,6 +188,7 @@ def _drop_status(status, image, label):
 # Elements the parallel decoder, ignore_errors and scan may hold between the watchdog and
 # the counter (AUTOTUNE buffers stay far below this).
 _IN_FLIGHT = 4096
+_ITERATOR = 2**40
 
 
 def _stuck(limit: int) -> str:
@@ -176,28 +196,34 @@ def _stuck(limit: int) -> str:
             f"(see the 'skipped' warnings; DataConfig.max_consecutive_skips)")
 
 
-def _skip_counter(source: TrainSource, config: DataConfig, progress: tf.lookup.experimental.MutableHashTable):
+def _skip_counter(source: TrainSource, config: DataConfig, progress: tf.lookup.experimental.MutableHashTable,
+                  in_flight: tf.lookup.experimental.MutableHashTable):
     """The scan step that counts skips (python only on a skip) and stops on endless ones."""
     counter = source.skipped
     limit = config.max_consecutive_skips
 
-    def record(status, key, gap):
-        counter.record(int(status), key.numpy().decode("utf-8", "replace"), int(gap))
+    def record(status, key, lost):
+        counter.record(int(status), key.numpy().decode("utf-8", "replace"),
+                       [k.decode("utf-8", "replace") for k in lost.numpy()])
         return np.int64(0)
 
     @_no_autograph
     def step(state, element):
         last, run = state
         sequence, status, image, label, key = element
+        last = tf.where(last < 0, sequence - sequence % _ITERATOR - 1, last)  # this iterator's first element
         gap = sequence - last - 1
         bad = gap + tf.cast(status > OK, tf.int64)  # the markers (END, STUCK) are negative
-        noted = tf.cond(bad > 0, lambda: tf.py_function(record, [status, key, gap], tf.int64),
+        lost = tf.range(last + 1, sequence)  # dropped by ignore_errors: read or decode errors
+        noted = tf.cond(bad > 0, lambda: tf.py_function(record, [status, key, in_flight.lookup(lost)], tf.int64),
                         lambda: tf.constant(0, tf.int64))
+        with tf.control_dependencies([noted]):
+            forget = in_flight.remove(tf.range(last + 1, sequence + 1))
         run = tf.where(tf.equal(status, OK), tf.constant(0, tf.int64), run + bad) + noted
         check = tf.debugging.Assert(
             tf.logical_and(run < limit, tf.not_equal(status, STUCK)), [tf.constant(_stuck(limit))])
-        publish = progress.insert(tf.constant([0], tf.int64), tf.reshape(sequence, [1]))
-        with tf.control_dependencies([check, publish]):
+        publish = progress.insert(tf.reshape(sequence // _ITERATOR, [1]), tf.reshape(sequence, [1]))
+        with tf.control_dependencies([check, publish, forget]):
             status = tf.identity(status)
         return (sequence, run), (status, image, label)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from collections.abc import Sequence
 
 from dolg_tf.data.images import SKIP_REASONS, UNREADABLE
 
@@ -40,25 +41,22 @@ class SkipCounter:
         with self._lock:
             return dict(self._by_reason)
 
-    def record(self, status: int, key: str, unreadable: int = 0, log: bool = True) -> None:
-        """Counts one element dropped with ``status`` (``OK`` for none) plus ``unreadable`` ones
-        that failed to read or decode just before it."""
-        events = []
-        if unreadable > 0:
-            events.append((UNREADABLE, unreadable, "(key unknown: the decoder raised)"))
+    def record(self, status: int, key: str, unreadable: Sequence[str] = (), log: bool = True) -> None:
+        """Counts one element dropped with ``status`` (``OK``: none) and the ``unreadable``
+        ones (their keys) that failed to read or decode just before it."""
+        events = [(UNREADABLE, k or "(no key)") for k in unreadable]
         if status in SKIP_REASONS:
-            events.append((status, 1, key))
-        if self._parent is not None and events:
+            events.append((status, key))
+        if not events:
+            return
+        if self._parent is not None:
             self._parent.record(status, key, unreadable, log=False)
         with self._lock:
-            for reason, n, where in events:
-                before = self._total
-                self._total += n
-                self._by_reason[SKIP_REASONS[reason]] += n
-                if log and (before < _LOG_FIRST or before // _LOG_EVERY != self._total // _LOG_EVERY):
-                    logger.warning(
-                        "skipped %d image(s): %s %s (%d skipped so far)", n, SKIP_REASONS[reason], where, self._total
-                    )
+            for reason, where in events:
+                self._total += 1
+                self._by_reason[SKIP_REASONS[reason]] += 1
+                if log and (self._total <= _LOG_FIRST or self._total % _LOG_EVERY == 0):
+                    logger.warning("skipped %s: %s (%d skipped so far)", where, SKIP_REASONS[reason], self._total)
 
     def summary(self) -> str:
         """One line, e.g. ``"3 images skipped (2 read or decode error ..., 1 empty file)"``."""

@@ -154,6 +154,10 @@ class TrainSource:
         """``(image bytes or uint8 image, int32 label, string key)`` of one handle (graph code)."""
         raise NotImplementedError
 
+    def key(self, handle) -> tf.Tensor:
+        """The string key of one handle, without reading anything (graph code; never fails)."""
+        raise NotImplementedError
+
     def iter_encoded(self, max_bytes: int) -> Iterator[tuple[int, str, bytes, int]]:
         """``(example index, key, encoded image bytes, class index)`` of every readable example,
         in order (for TFRecord writing); unreadable or oversized files are left out with a warning."""
@@ -228,6 +232,9 @@ class FileSource(_IndexedSource):
     def paths(self) -> list[str]:
         return list(self._paths)
 
+    def key(self, handle):
+        return tf.gather(self._tensor("paths", self._paths), handle)
+
     def load(self, handle):
         path = tf.gather(self._tensor("paths", self._paths), handle)
         return tf.io.read_file(path), tf.cast(tf.gather(self._tensor("labels", self._labels), handle), tf.int32), path
@@ -280,6 +287,9 @@ class DemoSource(_IndexedSource):
         return list(self._photos)
 
     encoded = False  # trusted photos, decoded once and held in memory
+
+    def key(self, handle):
+        return tf.gather(self._tensor("keys", self._keys), handle)
 
     def load(self, handle):
         start = tf.gather(self._tensor("offsets", self._offsets), handle)
@@ -394,6 +404,9 @@ class TFRecordSource(TrainSource):
             return ds
 
         return tf.data.Dataset.range(epochs if epochs is not None else np.iinfo(np.int64).max).flat_map(one_epoch)
+
+    def key(self, handle):
+        return handle[2]
 
     def load(self, handle):
         data, label, key = handle
