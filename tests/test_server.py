@@ -402,6 +402,10 @@ def test_model_status_grpc_and_rest(server):
     assert status == 404 and "42" in body["error"]
     status, body = server.http("GET", "/v1/nonsense/path")
     assert status == 400 and "Malformed request" in body["error"]
+    status, body = server.http("DELETE", "/v1/models/dolg")
+    assert status == 400 and "Malformed request: DELETE" in body["error"]
+    status, body = server.http("GET", "/not/the/api")
+    assert status == 404 and body["error"]
 
 
 # --- bad input --------------------------------------------------------------------------------------

@@ -317,6 +317,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         self._serve("POST")
 
+    # Other verbs get TF Serving's "Malformed request" (400) as JSON, not http.server's HTML 501.
+    def do_PUT(self):  # noqa: N802
+        self._serve("PUT")
+
+    def do_DELETE(self):  # noqa: N802
+        self._serve("DELETE")
+
+    def do_PATCH(self):  # noqa: N802
+        self._serve("PATCH")
+
     def _serve(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
         try:
