@@ -164,7 +164,14 @@ def _check_ids(ids: Any, n: int) -> np.ndarray:
     """ids as an int64 (non-negative) or str numpy array of length ``n``, unique."""
     if isinstance(ids, (str, bytes)):
         raise DataError("ids must be a sequence of ids, not a single string")
-    arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+    if not isinstance(ids, np.ndarray):
+        ids = list(ids)
+        # numpy would silently turn [1, "a"] into strings: check the Python types first.
+        all_str = all(isinstance(i, str) for i in ids)
+        all_int = all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids)
+        if not (all_str or all_int):
+            raise DataError("ids must be all integers or all strings")
+    arr = np.asarray(ids)
     if arr.ndim != 1 or arr.shape[0] != n:
         raise InputShapeError(f"need one id per vector: {n} vectors but ids of shape {arr.shape}")
     if n == 0:

@@ -142,6 +142,13 @@ def test_bad_input_raises_typed_errors(call, error, match):
     assert index.ntotal == 3  # a rejected call changes nothing
 
 
+def test_mixed_id_types_in_one_call():
+    with pytest.raises(DataError, match="all integers or all strings"):
+        Index(4).add(np.eye(4)[:2], ids=[1, "a"])
+    with pytest.raises(DataError, match="all integers or all strings"):
+        Index(4).add(np.eye(4)[:2], ids=[True, False])
+
+
 def test_bad_options():
     with pytest.raises(ConfigError, match="kind"):
         Index(8, "lsh")
