@@ -476,6 +476,17 @@ def test_malformed_tensors_and_json_are_invalid_argument(server):
     assert status == 200 and len(body["predictions"]) == 1
 
 
+def test_rest_chunked_body(server):
+    body = json.dumps({"instances": [_b64(GOOD_JPEG)]}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.ready["rest_port"], timeout=60)
+    conn.request("POST", "/v1/models/dolg/versions/1:predict", body=iter([body[:100], body[100:]]), encode_chunked=True)
+    response = conn.getresponse()
+    payload = json.loads(response.read())
+    conn.close()
+    assert response.status == 200, payload
+    _assert_close(payload["predictions"], server.reference(1, "serving_default", images=tf.constant([GOOD_JPEG])))
+
+
 def test_message_size_limit(server):
     big = os.urandom(MAX_MESSAGE + 1024)
     assert _grpc_error(server.predict.Predict, _bytes_request([big], version=1)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -329,6 +329,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = self._read_chunked()
+            if body is None:
+                self._reply(413, {"error": f"request body is larger than {self.max_body_bytes} bytes (--max-message-bytes)"})
+                self.close_connection = True
+                return
+            self._answer(method, path, body)
+            return
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -342,12 +350,33 @@ class _Handler(BaseHTTPRequestHandler):
             )
             self.close_connection = True
             return
-        body = self.rfile.read(length) if length else b""
+        self._answer(method, path, self.rfile.read(length) if length else b"")
+
+    def _answer(self, method: str, path: str, body: bytes) -> None:
         if not _API_PATH.fullmatch(path):
             self._reply(404, {"error": f"Not found: {path}"})
             return
         status, payload = self.api.handle(method, path, body)
         self._reply(status, payload)
+
+    def _read_chunked(self) -> bytes | None:
+        """Reads a ``Transfer-Encoding: chunked`` body; None when it exceeds the limit."""
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                size = -1
+            if size < 0 or total + size > self.max_body_bytes:
+                return None
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return b"".join(parts)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(1024)  # the CRLF after each chunk
+            total += size
 
     def _discard(self, length: int) -> None:
         while length > 0:
