@@ -277,6 +277,12 @@ def test_order_and_augmentation_are_pure_functions_of_seed_and_position():
         shard = _batches(make(batch_size=4, input_context=ctx), 3)
         for (x, y), (bx, by) in zip(shard, big):
             assert np.array_equal(x, bx[4 * k : 4 * k + 4]) and np.array_equal(y, by[4 * k : 4 * k + 4])
+    # Resuming at batch 2 skips handles, not decoded images, and lands on the same elements.
+    resumed = _batches(make(start_batch=2), 1)
+    assert np.array_equal(resumed[0][0], big[2][0]) and np.array_equal(resumed[0][1], big[2][1])
+    ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=2)
+    resumed = _batches(make(batch_size=4, input_context=ctx, start_batch=2), 1)
+    assert np.array_equal(resumed[0][0], big[2][0][4:])
     # Every epoch visits every photo once (without class balancing).
     labels = np.concatenate([y for _, y in _batches(make(batch_size=19, image_size=8), 2)])
     assert sorted(labels[:19]) == list(range(19)) and sorted(labels[19:]) == list(range(19))
