@@ -4,7 +4,7 @@
 ``saved_models/dolg/<next integer version>/`` with one MetaGraph tagged
 ``serve`` and two signatures:
 
-* ``serving_default``: ``images`` DT_STRING ``[-1]`` (encoded JPEG / PNG /
+* ``serving_default``: ``images`` DT_STRING ``[-1]`` (encoded JPEG / PNG / WebP /
   GIF (first frame) / BMP bytes) -> ``embedding`` float32 ``[-1, D]``.
 * ``embed_pixels``: ``pixels`` uint8 ``[-1, -1, -1, 3]`` -> ``embedding``.
 
@@ -19,7 +19,8 @@ Bad input fails inside the graph with ``INVALID_ARGUMENT`` and a message
 that names the item and the problem, e.g. ``images[2]: 30000x30000 =
 900000000 pixels, over the limit of 40000000``. Image dimensions are read
 from the header (``tf.image.extract_jpeg_shape`` for JPEG, the IHDR / screen
-descriptor / DIB header for PNG / GIF / BMP) *before* decoding, so a
+descriptor / DIB / VP8 header for PNG / GIF / BMP / WebP, with the same reader as the
+training pipeline) *before* decoding, so a
 decompression bomb is refused without allocating its pixels.
 
 Resize policies:
@@ -139,46 +140,6 @@ def _check(condition, template: str, values=()):
     return tf.debugging.Assert(condition, [_format_message(template, values)], name="check")
 
 
-def _header_dims(data, header):
-    """Height and width (int64) read from an encoded image's header, before decoding.
-
-    ``header`` is the first 32 bytes as uint8 (zero-padded), ``data`` the whole
-    string (JPEG needs a marker scan). Unknown formats give (0, 0).
-    """
-    import tensorflow as tf
-
-    b = tf.cast(header, tf.int64)
-
-    def u16le(i):
-        return b[i] + b[i + 1] * 256
-
-    def u32(i, big_endian):
-        bs = [b[i], b[i + 1], b[i + 2], b[i + 3]]
-        if big_endian:
-            bs = bs[::-1]
-        return bs[0] + bs[1] * 2**8 + bs[2] * 2**16 + bs[3] * 2**24
-
-    def s32le(i):
-        v = u32(i, big_endian=False)
-        return tf.where(v >= 2**31, v - 2**32, v)
-
-    is_jpeg = tf.reduce_all(tf.equal(b[:3], [0xFF, 0xD8, 0xFF]))
-    is_png = tf.reduce_all(tf.equal(b[:4], [0x89, 0x50, 0x4E, 0x47]))
-    is_gif = tf.reduce_all(tf.equal(b[:4], [0x47, 0x49, 0x46, 0x38]))
-    is_bmp = tf.reduce_all(tf.equal(b[:2], [0x42, 0x4D]))
-    png = tf.stack([u32(20, True), u32(16, True)])
-    gif = tf.stack([u16le(8), u16le(6)])
-    bmp = tf.stack([tf.abs(s32le(22)), tf.abs(s32le(18))])
-    other = tf.where(is_png, png, tf.where(is_gif, gif, tf.where(is_bmp, bmp, tf.zeros([2], tf.int64))))
-    dims = tf.cond(
-        is_jpeg,
-        lambda: tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64),
-        lambda: other,
-    )
-    known = is_jpeg | is_png | is_gif | is_bmp
-    return dims, known
-
-
 def resize_for_embedding(pixels, config: ExportConfig):
     """The export's first resize, applied to a ``(B, H, W, 3)`` batch of one size.
 
@@ -291,6 +252,8 @@ class _ExportModule:
         """Checks and decodes one encoded image -> uint8 (H, W, 3)."""
         import tensorflow as tf
 
+        from dolg_tf.data import images as images_lib
+
         c = self.config
         size = tf.cast(tf.strings.length(data), tf.int64)
         checks = [
@@ -302,12 +265,14 @@ class _ExportModule:
             ),
         ]
         with tf.control_dependencies(checks):
-            header = tf.io.decode_raw(tf.strings.substr(data, 0, 32) + b"\0" * 32, tf.uint8)[:32]
-            dims, known = _header_dims(data, header)
-        h, w = dims[0], dims[1]
+            # The same header reader as the training pipeline (dolg_tf.data.images).
+            head, head_bytes = images_lib.read_header(data)
+            fmt = images_lib.image_format(head)
+            h, w = images_lib.encoded_dims(data, head, head_bytes, fmt)
+            known = tf.not_equal(fmt, images_lib.UNKNOWN_FORMAT)
         with tf.control_dependencies(
             [
-                _check(known, "images[{}]: not a JPEG, PNG, GIF or BMP image", [index]),
+                _check(known, "images[{}]: not a JPEG, PNG, GIF, BMP or WebP image", [index]),
                 _check(
                     (h > 0) & (w > 0),
                     "images[{}]: the image header gives an empty size {}x{} (truncated or corrupt image)",

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dolg_tf import cli
 from dolg_tf import data
-from dolg_tf.data.images import OK, TOO_MANY_PIXELS, _header, _image_format, check_encoded, encoded_dims
+from dolg_tf.data.images import OK, TOO_MANY_PIXELS, image_format, read_header, check_encoded, encoded_dims
 from dolg_tf.errors import ConfigError, DataError
 
 # Three classes whose numeric order (7 < 12 < 30) differs from their string order.
@@ -177,8 +177,8 @@ def test_header_dimensions_match_the_decoded_image(fmt, kwargs):
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, fmt, **kwargs)
     payload = tf.constant(buffer.getvalue())
-    head, b = _header(payload)
-    height, width = encoded_dims(payload, head, b, _image_format(head))
+    head, b = read_header(payload)
+    height, width = encoded_dims(payload, head, b, image_format(head))
     assert (int(height), int(width)) == image.shape[:2]
     status, decoded = data.images.check_and_decode(payload, 10**6, 10**6)
     assert int(status) == OK and decoded.shape == image.shape

@@ -132,6 +132,7 @@ def test_c_api_serving_default_matches_keras(exported, photo):
         encode(gray, "PNG"),
         encode(np.ascontiguousarray(photo[:, :40]), "BMP"),
         encode(photo, "GIF"),
+        encode(photo, "WEBP", quality=90),
     ]
     served = run_with_c_api(path, images=images)
     expected = embed_reference(model, images, read_export_metadata(path)["export_config"])
@@ -152,7 +153,7 @@ def test_c_api_embed_pixels_agrees_with_bytes(exported, photo):
 
 def test_c_api_refuses_bad_input_with_a_message(exported):
     _, _, path = exported
-    with pytest.raises(CApiRunError, match=r"images\[1\]: not a JPEG, PNG, GIF or BMP image") as err:
+    with pytest.raises(CApiRunError, match=r"images\[1\]: not a JPEG, PNG, GIF, BMP or WebP image") as err:
         run_with_c_api(path, images=[encode(np.zeros((8, 8, 3), np.uint8)), b"just some text"])
     assert err.value.code == 3  # INVALID_ARGUMENT
 

@@ -12,7 +12,7 @@ Every input becomes the encoded bytes that ``serving_default`` takes:
 
 Checks made before anything is sent (each failure is an
 :class:`~dolg_tf.errors.InvalidImageError` naming the item's index): the file
-exists and is a regular file; the bytes start like a JPEG, PNG, GIF or BMP (the
+exists and is a regular file; the bytes start like a JPEG, PNG, GIF, BMP or WebP (the
 formats the export decodes); Pillow can read the header and the size is within
 both Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) and the
 server's pixel limit; ``Image.verify()`` finds no corruption; the encoded size is
@@ -62,7 +62,9 @@ class Limits:
 
 
 def sniff_format(data: bytes) -> str | None:
-    """The image format named by ``data``'s magic number (JPEG, PNG, GIF, BMP), or None."""
+    """The image format named by ``data``'s magic number (JPEG, PNG, GIF, BMP, WebP), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
     for magic, name in _MAGIC:
         if data[: len(magic)] == magic:
             return name
@@ -73,7 +75,7 @@ def check_encoded(data: bytes, index: int, limits: Limits) -> None:
     """Checks that ``data`` is an encoded image the server will accept.
 
     Raises:
-        InvalidImageError: empty, too large, not JPEG/PNG/GIF/BMP, unreadable or
+        InvalidImageError: empty, too large, not JPEG/PNG/GIF/BMP/WebP, unreadable or
             corrupt header, or more pixels than allowed.
     """
     if not data:
@@ -85,7 +87,7 @@ def check_encoded(data: bytes, index: int, limits: Limits) -> None:
     fmt = sniff_format(data)
     if fmt is None:
         raise InvalidImageError(
-            f"not a JPEG, PNG, GIF or BMP image (first bytes {bytes(data[:8])!r})", index
+            f"not a JPEG, PNG, GIF, BMP or WebP image (first bytes {bytes(data[:8])!r})", index
         )
     try:
         with warnings.catch_warnings():

@@ -1,5 +1,8 @@
 """Graph-mode image checks, bounded decoding and stateless augmentation.
 
+The header reader (`read_header`, `image_format`, `encoded_dims`) is shared with the
+SavedModel export (`dolg_tf.export`), so training and serving accept the same files.
+
 Everything here is a pure function of its inputs: the random ops are
 ``tf.random.stateless_*`` / ``tf.image.stateless_*`` driven by an explicit
 per-element seed, so an element's pixels depend only on (seed, position).
@@ -22,10 +25,10 @@ SKIP_REASONS: dict[int, str] = {
 }
 
 _HEADER = 32
-_UNKNOWN, _JPEG, _PNG, _GIF, _BMP, _WEBP = range(6)
+UNKNOWN_FORMAT, _JPEG, _PNG, _GIF, _BMP, _WEBP = range(6)
 
 
-def _header(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def read_header(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """The first 32 bytes, zero-padded (so short files index safely), as a string and as int64s."""
     head = tf.strings.substr(tf.strings.join([tf.strings.substr(data, 0, _HEADER), "\0" * _HEADER]), 0, _HEADER)
     return head, tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
@@ -52,9 +55,9 @@ def _webp_dims(head: tf.Tensor, b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     )
 
 
-def _image_format(head: tf.Tensor) -> tf.Tensor:
+def image_format(head: tf.Tensor) -> tf.Tensor:
     sub = tf.strings.substr
-    fmt = tf.constant(_UNKNOWN, tf.int32)
+    fmt = tf.constant(UNKNOWN_FORMAT, tf.int32)
     for code, test in (
         (_JPEG, tf.equal(sub(head, 0, 3), b"\xff\xd8\xff")),
         (_PNG, tf.equal(sub(head, 0, 8), b"\x89PNG\r\n\x1a\n")),
@@ -99,12 +102,12 @@ def check_encoded(data: tf.Tensor, max_bytes: int, max_pixels: int) -> tuple[tf.
         decompression bomb (header announcing more than ``max_pixels``) is rejected here.
     """
     size = tf.strings.length(data)
-    head, b = _header(data)
-    fmt = _image_format(head)
+    head, b = read_header(data)
+    fmt = image_format(head)
     status = tf.where(
         tf.equal(size, 0),
         EMPTY,
-        tf.where(size > max_bytes, TOO_MANY_BYTES, tf.where(tf.equal(fmt, _UNKNOWN), NOT_AN_IMAGE, OK)),
+        tf.where(size > max_bytes, TOO_MANY_BYTES, tf.where(tf.equal(fmt, UNKNOWN_FORMAT), NOT_AN_IMAGE, OK)),
     )
 
     def dims():
