@@ -77,7 +77,7 @@ def test_train_config_validation_and_presets():
     paper = train_config("resnet50")
     assert (paper.optimizer, paper.momentum, paper.nesterov, paper.weight_decay) == ("sgd", 0.9, True, 1e-4)
     for bad in ({"strategy": "horovod"}, {"batch_size": 0}, {"lr": -1.0}, {"head_margin": 2.0},
-                {"image_size": 16}, {"warmup_epochs": 100.0}, {"mixed_precision": "fp8"}):
+                {"image_size": 16}, {"warmup_epochs": -1.0}, {"mixed_precision": "fp8"}):
         with pytest.raises(ConfigError):
             train_config("tiny", **bad)
     with pytest.raises(ConfigError, match="unknown TrainConfig"):

@@ -39,7 +39,8 @@ class TrainConfig:
         max_steps: stop after this many steps in total (the schedule still spans every
             epoch; a later ``--resume`` continues); 0 means no early stop.
         lr: peak learning rate (reached at the end of the warm-up).
-        warmup_epochs: linear warm-up length, in epochs (may be fractional).
+        warmup_epochs: linear warm-up length, in epochs (may be fractional; capped at the
+            schedule's length, so ``--epochs 1`` with the paper preset still runs).
         end_lr: learning rate at the end of the cosine decay.
         optimizer: ``sgd`` (momentum, Nesterov) or ``adamw``.
         momentum: SGD momentum.
@@ -167,8 +168,6 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         if self.end_lr > self.lr:
             raise ConfigError(f"end_lr ({self.end_lr}) must not exceed lr ({self.lr})")
-        if self.warmup_epochs > self.epochs:
-            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs ({self.epochs})")
         for name in ("momentum", "adam_beta_1", "adam_beta_2"):
             value = getattr(self, name)
             if not _is_finite(value) or not 0 <= value < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -76,7 +77,12 @@ def weight_decay_mask(variables: Sequence, include_norm_and_bias: bool = False) 
 def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupCosine:
     """The config's warm-up + cosine schedule over ``epochs * steps_per_epoch`` steps."""
     total = config.epochs * steps_per_epoch
-    warmup = min(total, int(round(config.warmup_epochs * steps_per_epoch)))
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if warmup > total:
+        logging.getLogger(__name__).warning(
+            "warm-up of %s epochs is longer than the %d-epoch schedule: the whole run warms up", config.warmup_epochs,
+            config.epochs)
+        warmup = total
     return WarmupCosine(config.lr, total_steps=total, warmup_steps=warmup, end_lr=config.end_lr)
 
 
