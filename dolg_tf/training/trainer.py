@@ -63,6 +63,7 @@ class TrainResult:
         loss, accuracy: mean over the last epoch's steps run in this process.
         images_per_s: training throughput (after the first, compiling step).
         replicas: replicas in sync.
+        learning_rate: the schedule's learning rate at the end.
         before, after: held-out demo retrieval metrics (demo data only).
         checkpoint: path of the last checkpoint written.
         export_dir: the SavedModel version directory, if exported.
@@ -308,7 +309,7 @@ class Trainer:
                 # compile the cross-replica all-reduce, so sync only when there is more than one.
                 sync = config.sync_batch_norm and self.replicas > 1
                 self.sync_bn_layers = enable_sync_batch_norm(self.model) if sync else 0
-                self.head = build_head(config, self.source.num_classes, getattr(self.source, "class_counts", None))
+                self.head = build_head(config, self.source.num_classes, self.source.class_counts)
                 self.head.build([(None, self.model_config.embedding_dim), (None,)])
                 self.variables = list(self.model.trainable_variables) + list(self.head.trainable_variables)
                 self.decay_mask = weight_decay_mask(self.variables, config.weight_decay_norm_and_bias)
@@ -353,14 +354,9 @@ class Trainer:
 
     def resolved_config(self) -> dict[str, Any]:
         """``{"model", "data", "train", "run"}``: everything needed to reproduce the run."""
-        data_cfg = getattr(self.source, "config", None)
-        if data_cfg is not None and hasattr(data_cfg, "to_dict"):
-            data_section = data_cfg.to_dict()
-        else:
-            data_section = {"data": self.config.data, "data_format": self.config.data_format}
         return {
             "model": self.model_config.to_dict(),
-            "data": data_section,
+            "data": self.source.config.to_dict(),
             "train": self.config.to_dict(),
             "run": {
                 "num_classes": int(self.source.num_classes),
