@@ -46,6 +46,13 @@ _MIN_POINTS_PER_CENTROID = 39
 _CHUNK = 16384  # rows per block when searching the database against itself (DBA)
 
 
+def _positive_int(name: str, value: Any) -> int:
+    """``value`` as an int, or ConfigError if it is not a positive integer (bools refused)."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _as_matrix(x: Any, dim: int | None, what: str) -> np.ndarray:
     """float32 C-contiguous ``(N, dim)`` copy-if-needed of ``x``; checks shape and finiteness."""
     try:
@@ -232,15 +239,13 @@ class Index:
         ef_search: int = 128,
         normalize: bool = True,
     ):
-        if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim <= 0:
-            raise ConfigError(f"dim must be a positive integer, got {dim!r}")
+        _positive_int("dim", dim)
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
         for name, value in (("nprobe", nprobe), ("m", m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if nlist is not None and (not isinstance(nlist, (int, np.integer)) or nlist <= 0):
-            raise ConfigError(f"nlist must be a positive integer or None, got {nlist!r}")
+            _positive_int(name, value)
+        if nlist is not None:
+            _positive_int("nlist", nlist)
         self.dim = int(dim)
         self.kind = kind
         self.normalize = bool(normalize)
@@ -291,9 +296,7 @@ class Index:
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        if not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ConfigError(f"nprobe must be a positive integer, got {value!r}")
-        self._nprobe = int(value)
+        self._nprobe = _positive_int("nprobe", value)
         if self.kind == "ivf" and self._faiss is not None:
             self._faiss.nprobe = self._nprobe
 
@@ -303,9 +306,7 @@ class Index:
 
     @ef_search.setter
     def ef_search(self, value: int) -> None:
-        if not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ConfigError(f"ef_search must be a positive integer, got {value!r}")
-        self._ef_search = int(value)
+        self._ef_search = _positive_int("ef_search", value)
         if self.kind == "hnsw":
             self._faiss.hnsw.efSearch = self._ef_search
 
@@ -436,16 +437,13 @@ class Index:
             find fewer than ``k'`` results for a query; the missing slots have
             score ``-inf`` and id ``-1`` (integer ids) or ``""`` (string ids).
         """
-        if not isinstance(k, (int, np.integer)) or k <= 0:
-            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        k = _positive_int("k", k)
         q = self._prepare(queries, "queries")
         if self.ntotal == 0:
             raise DataError("the index is empty: add vectors before searching")
         k = min(int(k), self.ntotal)
         if qe_alpha is not None:
-            if not isinstance(qe_neighbours, (int, np.integer)) or qe_neighbours <= 0:
-                raise ConfigError(f"qe_neighbours must be a positive integer, got {qe_neighbours!r}")
-            n = min(int(qe_neighbours), self.ntotal)
+            n = min(_positive_int("qe_neighbours", qe_neighbours), self.ntotal)
             s, pos = self._search_positions(q, n)
             s = np.where(pos < 0, -np.inf, s)  # missing neighbours get zero weight
             q = alpha_query_expansion(q, self.vectors(np.maximum(pos, 0)), s, float(qe_alpha))
@@ -469,8 +467,7 @@ class Index:
             neighbours: neighbours per vector, besides itself.
             alpha: weighting exponent, >= 0.
         """
-        if not isinstance(neighbours, (int, np.integer)) or neighbours <= 0:
-            raise ConfigError(f"neighbours must be a positive integer, got {neighbours!r}")
+        neighbours = _positive_int("neighbours", neighbours)
         if self.ntotal == 0:
             raise DataError("the index is empty: nothing to augment")
         x = self.vectors()
