@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from dolg_tf.cli.index import positive_int
+from dolg_tf.cli._common import positive_float, positive_int
 from dolg_tf.errors import DataError, InvalidImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
@@ -186,16 +186,6 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from err
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
 def register(sub) -> None:
     p = sub.add_parser(
         "embed",
@@ -218,8 +208,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per request (default: 8)")
     p.add_argument("--max-in-flight", type=positive_int, default=2, help="concurrent requests (default: 2)")
     p.add_argument("--max-message-bytes", type=positive_int, default=32 << 20, help="largest request (default: 32 MiB)")
-    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per request attempt (default: 60)")
-    p.add_argument("--deadline", type=_seconds, default=120.0, help="seconds per request, retries included (default: 120)")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request attempt (default: 60)")
+    p.add_argument("--deadline", type=positive_float, default=120.0, help="seconds per request, retries included (default: 120)")
     p.add_argument("--retries", type=int, default=10, help="retries of an unavailable / timed-out request (default: 10)")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--root-certificates", default=None, help="CA bundle (PEM) for TLS")

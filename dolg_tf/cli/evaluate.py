@@ -13,8 +13,8 @@ import json
 import os
 import time
 
-from dolg_tf.cli._common import parse_scales
-from dolg_tf.cli.index import non_negative_float, positive_int, load_embeddings
+from dolg_tf.cli._common import non_negative_float, parse_kappas, parse_scales, positive_int
+from dolg_tf.cli.index import load_embeddings
 from dolg_tf.errors import DataError
 
 
@@ -116,16 +116,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kappas(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"kappas must be comma-separated integers, got {text!r}") from err
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"kappas must be positive, got {text!r}")
-    return values
-
-
 def register(sub) -> None:
     ev = sub.add_parser(
         "evaluate",
@@ -146,7 +136,7 @@ def register(sub) -> None:
     ev.add_argument("--scales", type=parse_scales, default=(0.7071, 1.0, 1.4142), help="with --model: inference scales")
     ev.add_argument("--batch-size", type=positive_int, default=8, help="images per embedding call (default: 8)")
     ev.add_argument("--max-side", type=positive_int, default=None, help="shrink images to this longer side (default: as is)")
-    ev.add_argument("--kappas", type=_kappas, default=(1, 5, 10), help="k of mP@k (default: 1,5,10)")
+    ev.add_argument("--kappas", type=parse_kappas, default=(1, 5, 10), help="k of mP@k (default: 1,5,10)")
     ev.add_argument("--qe", type=non_negative_float, default=None, metavar="ALPHA", help="alpha query expansion")
     ev.add_argument("--qe-n", type=positive_int, default=2, help="neighbours for query expansion (default: 2)")
     ev.add_argument("--dba", type=positive_int, default=None, metavar="N", help="database-side augmentation, N neighbours")

@@ -7,29 +7,10 @@ import json
 import os
 import time
 
+from dolg_tf.cli._common import non_negative_float, positive_int
 from dolg_tf.errors import DataError
 
 _MAX_IDS_BYTES = 1 << 30  # an id list file is text; refuse anything absurd before reading it
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
 
 
 def load_embeddings(path: str):
