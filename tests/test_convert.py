@@ -178,10 +178,13 @@ def test_cli_convert_writes_a_loadable_keras_model(r50_pair, tmp_path, rng, caps
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert cli.main(["convert", "--checkpoint", str(tmp_path / "none.pyth"), "--out", str(tmp_path / "w.weights.h5")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert cli.main(["demo", "--model", str(out_dir / "dolg.keras"), "--image-size", "64", "--gallery-views", "1", "--scales", "1"]) == 0
+    # The converted model goes straight into the TF Serving export, checked through the C API.
+    base = tmp_path / "saved_models" / "dolg"
+    args = ["export", "--model", str(out_dir / "dolg.keras"), "--out", str(base), "--image-size", "64", "--scales", "1"]
+    assert cli.main([*args, "--verify"]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert summary["preset"] == "resnet50" and summary["trained_weights"] is True
-    assert cli.main(["demo", "--model", str(out_dir / "dolg.config.json")]) == 2
+    assert summary["export_dir"] == str(base / "1") and summary["verify_max_abs_diff"] <= 1e-5
+    assert cli.main(["export", "--model", str(out_dir / "dolg.config.json"), "--out", str(base)]) == 2
     assert "could not load model file" in capsys.readouterr().err
 
 
