@@ -25,8 +25,39 @@ BACKBONES: dict[str, dict[str, Any]] = {
 }
 
 
+class FrozenConfig:
+    """JSON and dict helpers shared by the frozen config dataclasses (model, data, train, export).
+
+    ``to_dict`` gives JSON-ready values (tuples as lists); ``from_dict``
+    refuses unknown fields by name; ``replace`` returns a validated copy.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any):
+        """A copy with ``changes`` applied (validated)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(FrozenConfig):
     """Architecture of a DOLG model.
 
     Attributes:
@@ -90,28 +121,6 @@ class ModelConfig:
             raise ConfigError(
                 f"pixel_mean and pixel_std need 3 values (std > 0), got {self.pixel_mean} and {self.pixel_std}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
-        return out
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown ModelConfig field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**dict(data))
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        return cls.from_dict(json.loads(text))
 
 
 # The official DOLG preprocessing: OpenCV's BGR order, ImageNet statistics in BGR order.

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from dolg_tf.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, PAPER_SCALES
+from dolg_tf.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, PAPER_SCALES, FrozenConfig
 from dolg_tf.errors import ConfigError, ExportError
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ _XLA_ATTRS = ("_XlaMustCompile", "_XlaCompile")
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(FrozenConfig):
     """How an export preprocesses and bounds its input.
 
     Attributes:
@@ -109,19 +109,6 @@ class ExportConfig:
                 raise ConfigError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if any(not 1 <= b <= self.max_batch_size for b in self.warmup_batch_sizes):
             raise ConfigError(f"warmup_batch_sizes must lie in [1, max_batch_size], got {self.warmup_batch_sizes}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["scales"] = list(self.scales)
-        d["warmup_batch_sizes"] = list(self.warmup_batch_sizes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ExportConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown export option(s): {sorted(unknown)}")
-        return cls(**d)
 
 
 # --------------------------------------------------------------------------- graph pieces

@@ -76,7 +76,7 @@ def test_versions_never_overwrite(tmp_path):
         export_saved_model(model, base, version=1, image_size=32, warmup_batch_sizes=())
     with pytest.raises(ConfigError, match="resize"):
         export_saved_model(model, base, resize="stretch")
-    with pytest.raises(ConfigError, match="unknown export option"):
+    with pytest.raises(ConfigError, match="unknown ExportConfig field"):
         export_saved_model(model, base, image_sise=32)
     assert list_versions(base) == [1, 2]  # the failed calls left nothing behind
     assert not [n for n in os.listdir(base) if n.startswith(".tmp")]

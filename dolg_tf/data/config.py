@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Mapping
 from typing import Any
 
+from dolg_tf.config import FrozenConfig
 from dolg_tf.errors import ConfigError
 
 #: Input formats understood by :func:`dolg_tf.data.open_source` ("demo" is the built-in photos).
@@ -14,7 +13,7 @@ FORMATS: tuple[str, ...] = ("demo", "gldv2", "csv", "folder", "tfrecord")
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(FrozenConfig):
     """Training data: source, bounds, augmentation and sampling.
 
     Attributes:
@@ -89,24 +88,3 @@ class DataConfig:
         if not 0.0 <= self.hue <= 0.5:
             raise ConfigError(f"hue must be in [0, 0.5], got {self.hue!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DataConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown DataConfig field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**dict(data))
-
-    @classmethod
-    def from_json(cls, text: str) -> DataConfig:
-        return cls.from_dict(json.loads(text))
-
-    def replace(self, **changes: Any) -> DataConfig:
-        """A copy with ``changes`` applied (validated)."""
-        return self.from_dict({**self.to_dict(), **changes})
