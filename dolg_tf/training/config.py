@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dolg_tf.config import MODEL_PRESETS
+from dolg_tf.config import MODEL_PRESETS, FrozenConfig
 from dolg_tf.errors import ConfigError
 
 STRATEGIES = ("mirrored", "multiworker", "tpu", "one_device")
@@ -24,7 +24,7 @@ DATA_FORMATS = ("gldv2", "csv", "folder", "tfrecord")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(FrozenConfig):
     """Everything a training run needs besides the model architecture.
 
     Attributes:
@@ -176,21 +176,6 @@ class TrainConfig:
             raise ConfigError(f"head_margin must be in [0, pi/2), got {self.head_margin!r}")
         if not isinstance(self.data, str) or not self.data:
             raise ConfigError(f"data must be a path, a URI or 'demo', got {self.data!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**dict(data))
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with ``changes`` applied (validated)."""
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     @property
     def is_demo(self) -> bool:
