@@ -26,6 +26,8 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/model_forward.py --preset resnet101 --size 512 --batches 1,8
+	$(VENV)/bin/python benchmarks/export_resize.py --preset resnet101 --size 512 --batch 4 --repeats 2
+	$(VENV)/bin/python benchmarks/index.py --n 200000
 
 clean:
 	rm -rf $(VENV) .pytest_cache

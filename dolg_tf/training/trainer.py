@@ -377,14 +377,18 @@ class Trainer:
         """The distributed input, positioned at ``start_step``.
 
         The data module's stream is a pure function of (seed, position); a resumed run
-        skips the per-replica batches already consumed (``exact_resume``) or, cheaper,
-        starts a stream with another seed.
+        starts it after the per-replica batches already consumed (``exact_resume``,
+        without decoding them) or starts a stream with another seed.
         """
         config = self.config
         seed = config.seed if (start_step == 0 or config.exact_resume) else config.seed + start_step
 
         def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-            ds = self._data.train_dataset(
+            # Exact resume: start the stream where this pipeline stopped. The data
+            # module skips indices / records before decoding, so this is cheap.
+            per_pipeline = max(1, ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+            start_batch = start_step * per_pipeline if (start_step and config.exact_resume) else 0
+            return self._data.train_dataset(
                 self.source,
                 batch_size=ctx.get_per_replica_batch_size(config.batch_size),
                 image_size=config.image_size,
@@ -393,14 +397,11 @@ class Trainer:
                 class_balanced=config.class_balanced,
                 input_context=ctx,
                 repeat=True,
+                start_batch=start_batch,
             )
-            if start_step and config.exact_resume:
-                per_pipeline = max(1, ctx.num_replicas_in_sync // ctx.num_input_pipelines)
-                ds = ds.skip(start_step * per_pipeline)
-            return ds
 
         if start_step and config.exact_resume:
-            log.info("fast-forwarding the input past the %d batches already trained on", start_step)
+            log.info("resuming the input stream after the %d batches already trained on", start_step)
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
