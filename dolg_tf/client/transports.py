@@ -263,7 +263,8 @@ class GrpcTransport:
             return TooLarge(message) if "larger than max" in details else Transient(message)
         if name == "INVALID_ARGUMENT":
             return Rejected(details)
-        if name == "NOT_FOUND":
+        if name == "NOT_FOUND" or (name == "FAILED_PRECONDITION" and "signature" in details.lower()):
+            # TF Serving answers an unknown signature with FAILED_PRECONDITION; dolg serve with NOT_FOUND.
             return ModelNotFoundError(f"{self.spec.describe()} not found at {self.target}: {details}")
         return ClientError(message)
 
