@@ -572,8 +572,39 @@ def test_new_version_is_picked_up_without_restart(server):
     assert latest.model_spec.version.value == 3
 
 
-def test_sigterm_stops_cleanly(server):
+def test_rest_edge_requests_get_json_answers(server):
+    status, payload = server.http("GET", "/v1/models/dolg/versions/99999999999999999999999")
+    assert status == 404 and "not found" in payload["error"].lower()  # beyond int64: no such version
+    deep = b'{"instances":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, payload = server.http("POST", "/v1/models/dolg/versions/1:predict", deep)
+    assert status == 400 and "nested too deeply" in payload["error"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.ready["rest_port"], timeout=30)
+    conn.request("OPTIONS", "/v1/models/dolg")
+    response = conn.getresponse()
+    assert response.status == 400 and "Malformed request" in json.loads(response.read())["error"]
+    conn.close()
+
+
+def test_sigterm_lets_a_rest_request_in_progress_finish(server):
+    """A request whose body is still arriving when SIGTERM comes is answered, then the server exits."""
+    import socket
+
+    body = json.dumps({"instances": [_b64(GOOD_JPEG)]}).encode()
+    head = (
+        f"POST /v1/models/dolg/versions/1:predict HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", server.ready["rest_port"]), timeout=60)
+    sock.sendall(head + body[:10])
+    time.sleep(0.5)  # the handler is now reading the body
     server.proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)  # the server is draining, not gone
+    sock.sendall(body[10:])
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    payload = json.loads(response.read())
+    sock.close()
+    assert response.status == 200 and len(payload["predictions"]) == 1, (payload, server.log())
     out, _ = server.proc.communicate(timeout=60)
     assert server.proc.returncode == 0, server.log()
     assert '"stopped": true' in out

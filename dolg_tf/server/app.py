@@ -107,11 +107,15 @@ class DolgServer:
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stops accepting requests, lets in-flight ones finish (up to ``grace_s``), stops polling."""
+        grpc_stopped = self._grpc.stop(grace_s) if self._grpc is not None else None  # both drain at once
         if self._rest is not None:
-            self._rest.shutdown()
+            self._rest.shutdown()  # no new connections; handler threads keep running
+            left = self._rest.drain(grace_s)
+            if left:
+                logger.warning("%d REST request(s) still running after %.1f s; closing", left, grace_s)
             self._rest.server_close()
             self._rest = None
-        if self._grpc is not None:
-            self._grpc.stop(grace_s).wait()
+        if grpc_stopped is not None:
+            grpc_stopped.wait()
             self._grpc = None
         self.manager.stop()

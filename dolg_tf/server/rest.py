@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import re
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -35,7 +37,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 from dolg_tf.server import grpc_service
 from dolg_tf.server.models import ModelManager
-from dolg_tf.server.status import RequestError, invalid_argument
+from dolg_tf.server.status import RequestError, invalid_argument, not_found
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +263,8 @@ class RestApi:
             request = json.loads(body) if body else None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise invalid_argument(f"JSON Parse error: {err}") from None
+        except RecursionError:
+            raise invalid_argument("JSON Parse error: the document is nested too deeply") from None
         if request is None:
             raise invalid_argument("JSON Parse error: The document is empty")
         if not isinstance(request, dict):
@@ -271,9 +275,15 @@ class RestApi:
         servable = self.manager.resolve(name, version, label)
         _, signature_def = servable.signature(signature_name)
         dtypes = {alias: tf.dtypes.as_dtype(info.dtype) for alias, info in signature_def.inputs.items()}
-        inputs, layout = parse_predict_body(request, dtypes)
+        try:
+            inputs, layout = parse_predict_body(request, dtypes)
+        except RecursionError:
+            raise invalid_argument("JSON Value: the input lists are nested too deeply") from None
         _, outputs = servable.run(signature_name, inputs)
         return format_predict_response(outputs, layout)
+
+
+_MAX_VERSION = 2**63 - 1  # ModelSpec.version is an int64
 
 
 def _version(text: str | None) -> int | None:
@@ -283,6 +293,8 @@ def _version(text: str | None) -> int | None:
 def _fill_spec(spec, name: str, version: str | None, label: str | None) -> None:
     spec.name = name
     if version is not None:
+        if int(version) > _MAX_VERSION:  # no such version can exist (and int64 cannot hold it)
+            raise not_found(f"Servable not found for request: Specific({name}, {version})")
         spec.version.value = int(version)
     if label:
         spec.version_label = unquote(label)
@@ -302,6 +314,9 @@ def _metadata_json(response: get_model_metadata_pb2.GetModelMetadataResponse) ->
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving's server offers
     server_version = "dolg-serve"
+    # Seconds a connection may sit idle (or stall mid-body) before it is closed, so
+    # stalled or abandoned connections cannot hold handler threads forever.
+    timeout = 60
     api: RestApi
     max_body_bytes: int
 
@@ -327,7 +342,17 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self):  # noqa: N802
         self._serve("PATCH")
 
+    def do_HEAD(self):  # noqa: N802
+        self._serve("HEAD")
+
+    def do_OPTIONS(self):  # noqa: N802
+        self._serve("OPTIONS")
+
     def _serve(self, method: str) -> None:
+        with self.server.in_flight():
+            self._serve_request(method)
+
+    def _serve_request(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             body = self._read_chunked()
@@ -391,15 +416,47 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def log_message(self, format, *args):  # noqa: A002  (http.server's signature)
         logger.debug("%s " + format, self.address_string(), *args)
 
 
 class _Server(ThreadingHTTPServer):
+    # Idle keep-alive connections must not keep the process alive; requests in
+    # progress are waited for by ``drain`` instead.
     daemon_threads = True
     request_queue_size = 128
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._busy = 0
+        self._idle = threading.Condition()
+
+    @contextlib.contextmanager
+    def in_flight(self):
+        with self._idle:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def drain(self, timeout: float) -> int:
+        """Waits up to ``timeout`` s for requests in progress to finish; returns how many are left."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy == 0, timeout)
+            return self._busy
+
+    def handle_error(self, request, client_address):
+        # A client that hangs up or times out is routine, not a traceback on stderr.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            logger.debug("connection from %s ended: %s", client_address, sys.exc_info()[1])
+            return
+        super().handle_error(request, client_address)
 
 
 def start_rest_server(
