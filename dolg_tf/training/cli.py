@@ -191,3 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except DolgError as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
