@@ -44,7 +44,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -54,6 +53,7 @@ import numpy as np
 
 from dolg_tf.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, PAPER_SCALES, FrozenConfig
 from dolg_tf.errors import ConfigError, ExportError
+from dolg_tf.versions import VERSION_NAME, complete_versions
 
 log = logging.getLogger(__name__)
 
@@ -338,19 +338,13 @@ class _ExportModule:
 
 
 def list_versions(base_dir: str | os.PathLike) -> list[int]:
-    """Integer version directories under ``base_dir`` (complete ones: ``saved_model.pb`` present), ascending."""
-    base_dir = os.fspath(base_dir)
-    if not os.path.isdir(base_dir):
-        return []
-    versions = []
-    for name in os.listdir(base_dir):
-        if re.fullmatch(r"\d+", name) and os.path.isfile(os.path.join(base_dir, name, "saved_model.pb")):
-            versions.append(int(name))
-    return sorted(versions)
+    """Complete integer versions under ``base_dir`` (``saved_model.pb`` present), ascending; [] if it is missing."""
+    return complete_versions(base_dir) if os.path.isdir(base_dir) else []
 
 
 def _next_version(base_dir: str) -> int:
-    taken = [int(n) for n in os.listdir(base_dir) if re.fullmatch(r"\d+", n)] if os.path.isdir(base_dir) else []
+    # Incomplete integer directories count as taken too: never write into one.
+    taken = [int(n) for n in os.listdir(base_dir) if VERSION_NAME.fullmatch(n)] if os.path.isdir(base_dir) else []
     return max(taken, default=0) + 1
 
 

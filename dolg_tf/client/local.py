@@ -17,6 +17,7 @@ import numpy as np
 from dolg_tf.client import _protos as pb
 from dolg_tf.client.transports import INPUT_KEY, OUTPUT_KEY, ModelSpec, Rejected, VersionStatus
 from dolg_tf.errors import ClientError, ModelNotFoundError
+from dolg_tf.versions import VERSION_NAME, complete_versions
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,10 @@ def resolve_version_dir(path: str | os.PathLike, version: int | None = None) -> 
         if version is not None:
             raise ModelNotFoundError(f"{path!r} is a single SavedModel; it has no version {version}")
         name = os.path.basename(os.path.normpath(path))
-        return path, int(name) if name.isdigit() else None
+        return path, int(name) if VERSION_NAME.fullmatch(name) else None
     if not os.path.isdir(path):
         raise ModelNotFoundError(f"no SavedModel directory at {path!r}")
-    versions = sorted(
-        int(n) for n in os.listdir(path) if n.isdigit() and os.path.isfile(os.path.join(path, n, "saved_model.pb"))
-    )
+    versions = complete_versions(path)
     if not versions:
         raise ModelNotFoundError(f"{path!r} holds no saved_model.pb and no integer version directories")
     if version is None:

@@ -26,6 +26,7 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from dolg_tf.errors import ServingError
+from dolg_tf.versions import complete_versions as scan_versions
 from dolg_tf.server.status import RequestError, invalid_argument, not_found
 
 logger = logging.getLogger(__name__)
@@ -313,11 +314,7 @@ class ModelManager:
     # --- discovery and loading --------------------------------------------------------
     def complete_versions(self) -> list[int]:
         """Integer-named subdirectories holding a ``saved_model.pb`` (a half-written one has none yet)."""
-        versions = []
-        for entry in os.scandir(self.base_path):
-            if entry.is_dir() and entry.name.isdigit() and os.path.isfile(os.path.join(entry.path, "saved_model.pb")):
-                versions.append(int(entry.name))
-        return sorted(versions)
+        return scan_versions(self.base_path)
 
     def poll_once(self) -> None:
         """Loads the versions the policy wants, then unloads the ones it no longer wants."""
