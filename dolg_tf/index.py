@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ import faiss
 import numpy as np
 
 from dolg_tf.errors import ConfigError, DataError, IndexFileError, InputShapeError
+from dolg_tf.fileio import atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -521,22 +521,14 @@ class Index:
         ).encode("utf-8")
         digest = hashlib.sha256()
         parts = (_PREFIX.pack(_MAGIC, len(header)), header, memoryview(faiss_bytes), id_bytes)
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dolgidx", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for part in parts:
-                    digest.update(part)
-                    f.write(part)
-                f.write(digest.digest())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        def write(f):
+            for part in parts:
+                digest.update(part)
+                f.write(part)
+            f.write(digest.digest())
+
+        path = atomic_write(path, write)
         logger.info("saved %s to %s (%d bytes)", self, path, os.path.getsize(path))
 
     @classmethod
@@ -592,6 +584,32 @@ class Index:
         index.nprobe = index._nprobe
         index.ef_search = index._ef_search
         return index
+
+
+def write_search_results(
+    path: str | os.PathLike,
+    query_ids: Sequence[Any],
+    ids: np.ndarray,
+    scores: np.ndarray,
+    *,
+    index: str | None = None,
+    query_expansion: dict[str, Any] | None = None,
+) -> str:
+    """Writes search results as the JSON ``dolg index search`` writes and ``dolg show`` reads, atomically.
+
+    ``{"index", "k", "query_expansion", "results": [{"query", "ids", "scores"}, ...]}``, one entry per
+    query in order; ``ids`` / ``scores`` are the ``(Q, k)`` arrays of :meth:`Index.search`.
+    """
+    payload = {
+        "index": index,
+        "k": int(scores.shape[1]),
+        "query_expansion": query_expansion,
+        "results": [
+            {"query": q, "ids": row_ids.tolist(), "scores": [round(float(s), 6) for s in row_scores]}
+            for q, row_ids, row_scores in zip(query_ids, ids, scores)
+        ],
+    }
+    return atomic_write_json(path, payload)
 
 
 def brute_force_search(queries: np.ndarray, database: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:

@@ -171,7 +171,7 @@ def run_demo(
     from dolg_tf.data.demo import demo_retrieval_split
     from dolg_tf.evaluate import label_retrieval_metrics
     from dolg_tf.export import list_versions, read_export_metadata
-    from dolg_tf.index import Index
+    from dolg_tf.index import Index, write_search_results
     from dolg_tf.visualize import Hit, results_grid, save_png
 
     seconds: dict[str, float] = {}
@@ -217,20 +217,9 @@ def run_demo(
     position = {g: i for i, g in enumerate(gallery_ids)}
     ranks = np.array([[position[str(x)] for x in row] for row in ids])
     metrics = label_retrieval_metrics(ranks, split.query_labels, split.gallery_labels)
-    results_json = os.path.join(workdir, "results.json")
-    with open(results_json + ".tmp", "w") as f:
-        json.dump(
-            {
-                "index": index_path,
-                "k": k,
-                "results": [
-                    {"query": q, "ids": [str(x) for x in row[:k]], "scores": [round(float(s), 6) for s in srow[:k]]}
-                    for q, row, srow in zip(query_ids, ids, scores)
-                ],
-            },
-            f,
-        )
-    os.replace(results_json + ".tmp", results_json)
+    results_json = write_search_results(
+        os.path.join(workdir, "results.json"), query_ids, ids[:, :k], scores[:, :k], index=index_path
+    )
     hits = [
         [
             Hit(split.gallery[position[str(x)]], float(s), str(x).split("/")[0],

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from dolg_tf.errors import ConfigError
+from dolg_tf.fileio import atomic_write
 
 GREEN, RED, GREY, BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (40, 90, 210)
 
@@ -95,9 +96,4 @@ def results_grid(
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> str:
     """Writes ``image`` as PNG atomically (temporary file + rename)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: image.save(f, format="PNG"))

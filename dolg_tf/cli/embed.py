@@ -22,11 +22,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 from dolg_tf.cli._common import positive_float, positive_int
 from dolg_tf.errors import DataError, InvalidImageError
+from dolg_tf.fileio import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 _MAX_LIST_BYTES = 256 << 20  # a list file is text; refuse anything absurd before reading it
@@ -97,20 +97,6 @@ def collect_inputs(inputs: list[str], root: str | None = None) -> tuple[list[str
     return paths, ids
 
 
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -154,7 +140,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             where = paths[err.index] if err.index is not None else "request"
             raise InvalidImageError(f"{where}: {err.reason}") from None
     seconds = time.perf_counter() - t0
-    _atomic_write(args.out, lambda f: np.save(f, emb.astype(np.float32), allow_pickle=False))
+    atomic_write(args.out, lambda f: np.save(f, emb.astype(np.float32), allow_pickle=False))
     meta = {
         "ids": ids,
         "count": len(ids),
@@ -165,7 +151,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         "source": source,
         "embeddings": os.path.basename(args.out),
     }
-    _atomic_write(ids_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(ids_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     summary = {
         "images": len(ids),
         "dim": int(emb.shape[1]),

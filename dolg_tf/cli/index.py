@@ -86,7 +86,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from dolg_tf.index import Index
+    from dolg_tf.index import Index, write_search_results
 
     index = Index.load(args.index)
     if args.nprobe is not None:
@@ -100,19 +100,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     scores, ids = index.search(queries, args.k, qe_alpha=args.qe, qe_neighbours=args.qe_n)
     search_s = time.perf_counter() - t0
-    results = {
-        "index": args.index,
-        "k": int(scores.shape[1]),
-        "query_expansion": None if args.qe is None else {"alpha": args.qe, "neighbours": args.qe_n},
-        "results": [
-            {"query": q, "ids": row_ids.tolist(), "scores": [round(float(s), 6) for s in row_scores]}
-            for q, row_ids, row_scores in zip(query_ids, ids, scores)
-        ],
-    }
-    tmp = f"{args.out}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f)
-    os.replace(tmp, args.out)
+    write_search_results(
+        args.out,
+        query_ids,
+        ids,
+        scores,
+        index=args.index,
+        query_expansion=None if args.qe is None else {"alpha": args.qe, "neighbours": args.qe_n},
+    )
     print(
         f"index search: {queries.shape[0]} queries, top-{scores.shape[1]} of {index.ntotal} "
         f"({index.kind}) in {search_s:.3f} s -> {args.out}"

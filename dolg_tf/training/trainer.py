@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -39,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from dolg_tf.errors import ConfigError, DataError
+from dolg_tf.fileio import atomic_write_json
 from dolg_tf.training.config import TrainConfig
 from dolg_tf.training.optim import build_optimizer, build_schedule, exclude_from_decay, weight_decay_mask
 from dolg_tf.training.strategy import is_chief, make_strategy, worker_id
@@ -513,11 +513,7 @@ class Trainer:
         if not self.chief:
             return
         os.makedirs(self.model_dir, exist_ok=True)
-        config_path = os.path.join(self.model_dir, CONFIG_FILE)
-        tmp = config_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.resolved_config(), f, indent=2, sort_keys=True)
-        os.replace(tmp, config_path)
+        atomic_write_json(os.path.join(self.model_dir, CONFIG_FILE), self.resolved_config(), indent=2, sort_keys=True)
         self.source.save_label_map(os.path.join(self.model_dir, LABEL_MAP_FILE))
 
     def _skipped_images(self) -> int:
