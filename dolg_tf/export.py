@@ -114,17 +114,12 @@ class ExportConfig(FrozenConfig):
 # --------------------------------------------------------------------------- graph pieces
 
 
-def _format_message(template: str, values) -> Any:
-    import tensorflow as tf
-
-    return tf.strings.format(template, values, summarize=-1)
-
-
 def _check(condition, template: str, values=()):
     """An Assert op whose message is one formatted string (reads well in INVALID_ARGUMENT)."""
     import tensorflow as tf
 
-    return tf.debugging.Assert(condition, [_format_message(template, values)], name="check")
+    message = tf.strings.format(template, values, summarize=-1)
+    return tf.debugging.Assert(condition, [message], name="check")
 
 
 def resize_for_embedding(pixels, config: ExportConfig):
