@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import pickletools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,13 +207,142 @@ def ranks_from_embeddings(query_embeddings: np.ndarray, db_embeddings: np.ndarra
     return np.ascontiguousarray(rank_by_similarity(query_embeddings, db_embeddings).T)
 
 
+# Bounds on the work a ground-truth pickle may ask for, checked on its opcodes before anything is
+# built. The official files: ~5-6k image names, 70 queries, nesting depth ~10, a few dozen KB.
+_GND_MAX_DEPTH = 48  # containers inside containers (a numpy array counts ~6 levels)
+_GND_MAX_MEMO = 1 << 20  # memo entries, and the largest memo index (the C unpickler sizes its table by it)
+_GND_EXPANSION = 8  # a fully expanded object may weigh this many times the file ...
+_GND_EXPANSION_SLACK = 1 << 20  # ... plus this much
+
+
+class _Node:
+    """One object of a pickle under inspection: its expanded weight and depth, and whether it is shared."""
+
+    __slots__ = ("weight", "depth", "shared")
+
+    def __init__(self, weight: int, depth: int):
+        self.weight, self.depth, self.shared = weight, depth, False
+
+
+def _check_pickle_bounds(raw: bytes, path: str) -> None:
+    """Refuses a pickle whose objects would expand far beyond its size ("billion laughs").
+
+    Pickle can refer to an object again through its memo, so a few hundred
+    bytes can describe a list holding two references to a list holding two
+    references to ... : 2**30 leaves, which reading, validating or printing
+    expands. The opcodes are walked once, without building anything, keeping
+    for each object its expanded weight (1 per object plus the length of
+    every string, counted again at every reference) and its nesting depth.
+    The file is refused when any object weighs more than
+    ``_GND_EXPANSION * len(raw) + _GND_EXPANSION_SLACK``, nests deeper than
+    ``_GND_MAX_DEPTH``, uses more than ``_GND_MAX_MEMO`` memo slots, or
+    changes an object after referring to it a second time (which would make
+    the weights already counted stale; a pickler never does that except for
+    self-referencing objects, which a ground truth has none of). The walk is
+    linear in the file's size.
+
+    Raises:
+        DataError: over a bound, or not a well-formed pickle.
+    """
+    budget = _GND_EXPANSION * len(raw) + _GND_EXPANSION_SLACK
+    mark = object()
+    stack: list[Any] = []  # _Node and mark
+    memo: dict[int, _Node] = {}
+    in_place = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+
+    def refuse(why: str) -> DataError:
+        return DataError(f"{path!r} is refused as a ground-truth file: {why}")
+
+    def pop_to_mark() -> list[_Node]:
+        for k in range(len(stack) - 1, -1, -1):
+            if stack[k] is mark:
+                items = stack[k + 1 :]
+                del stack[k:]
+                return items
+        raise refuse("malformed pickle (no MARK on the stack)")
+
+    def pop() -> _Node:
+        if not stack or stack[-1] is mark:
+            raise refuse("malformed pickle (stack underflow)")
+        return stack.pop()
+
+    def check(node: _Node) -> _Node:
+        if node.weight > budget:
+            raise refuse(
+                f"its objects expand to over {budget} units from {len(raw)} bytes "
+                "(shared references nested into an exponential structure)"
+            )
+        if node.depth > _GND_MAX_DEPTH:
+            raise refuse(f"objects nested deeper than {_GND_MAX_DEPTH} levels")
+        return node
+
+    try:
+        for opcode, arg, _ in pickletools.genops(raw):
+            name = opcode.name
+            if name == "STOP":
+                break
+            if name in ("PROTO", "FRAME"):
+                continue
+            if name == "MARK":
+                stack.append(mark)
+            elif name == "POP":
+                if stack and stack[-1] is mark:
+                    stack.pop()
+                else:
+                    pop()
+            elif name == "POP_MARK":
+                pop_to_mark()
+            elif name == "DUP":
+                top = pop()
+                top.shared = True
+                stack += [top, top]
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                index = len(memo) if name == "MEMOIZE" else int(arg)
+                if index >= _GND_MAX_MEMO or len(memo) >= _GND_MAX_MEMO:
+                    raise refuse(f"memo index {index} is over the limit of {_GND_MAX_MEMO}")
+                if not stack or stack[-1] is mark:
+                    raise refuse("malformed pickle (memo of an empty stack)")
+                memo[index] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                node = memo.get(int(arg))
+                if node is None:
+                    raise refuse(f"malformed pickle (memo index {arg} was never stored)")
+                node.shared = True
+                stack.append(node)
+            else:
+                before = opcode.stack_before
+                popped: list[_Node] = []
+                if pickletools.markobject in before:
+                    popped = pop_to_mark()
+                    for _ in range(before.index(pickletools.markobject)):
+                        popped.insert(0, pop())
+                else:
+                    for _ in range(len(before)):
+                        popped.insert(0, pop())
+                own = 1 + (len(arg) if isinstance(arg, (str, bytes, bytearray)) else 0)
+                if name in in_place and popped:
+                    target, added = popped[0], popped[1:]
+                    if target.shared:
+                        raise refuse(f"{name} changes an object after it was referred to again")
+                    target.weight += own + sum(n.weight for n in added)
+                    target.depth = max([target.depth] + [n.depth + 1 for n in added])
+                    stack.append(check(target))
+                else:
+                    node = check(_Node(own + sum(n.weight for n in popped), 1 + max((n.depth for n in popped), default=0)))
+                    stack += [node] * len(opcode.stack_after)
+    except DataError:
+        raise
+    except ValueError as err:  # pickletools: unknown opcode, truncated argument, ...
+        raise refuse(f"malformed pickle: {err}") from err
+
+
 class _GroundTruthUnpickler(pickle.Unpickler):
     """Unpickles only plain containers, numbers, strings and numpy arrays.
 
     Plain ``dict``/``list``/``tuple``/``str``/``int``/``float`` need no global
     lookup at all; the only globals allowed are the ones numpy uses to
     rebuild an array or a scalar, and ``_codecs.encode`` (bytes in protocol 2). Anything else (the way a malicious pickle
-    runs code) raises.
+    runs code) raises. Run it after :func:`_check_pickle_bounds`.
     """
 
     _ALLOWED = {
@@ -222,6 +352,9 @@ class _GroundTruthUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        # Protocol 5 rebuilds an array from its buffer (a copy; object dtypes are refused by numpy).
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         # Protocol-2 pickles (Python 2 era) spell bytes as _codecs.encode(str, "latin1").
         ("_codecs", "encode"),
     }
@@ -237,7 +370,8 @@ class _GroundTruthUnpickler(pickle.Unpickler):
             return _codecs.encode
         import importlib
 
-        for candidate in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        submodule = module.rsplit(".", 1)[1]  # numpy 2 moved numpy.core to numpy._core
+        for candidate in (f"numpy._core.{submodule}", f"numpy.core.{submodule}"):
             try:
                 return getattr(importlib.import_module(candidate), name)
             except (ImportError, AttributeError):
@@ -270,6 +404,8 @@ def read_ground_truth(path: str | os.PathLike) -> dict[str, Any]:
             raw = f.read()
     except OSError as err:
         raise DataError(f"cannot read ground truth {path!r}: {err.strerror or err}") from err
+    if not path.endswith(".json"):
+        _check_pickle_bounds(raw, path)
     try:
         if path.endswith(".json"):
             data = json.loads(raw.decode("utf-8"))
@@ -281,11 +417,24 @@ def read_ground_truth(path: str | os.PathLike) -> dict[str, Any]:
     return _validate_ground_truth(data, path)
 
 
+def _names(values: Any, key: str, path: str) -> list[str]:
+    if not isinstance(values, (list, tuple, np.ndarray)):
+        raise DataError(f"{path!r}: {key!r} must be a list of image names, got {type(values).__name__}")
+    names = []
+    for i, name in enumerate(values):
+        if isinstance(name, bytes):
+            name = name.decode("latin1")
+        if not isinstance(name, str):
+            raise DataError(f"{path!r}: {key}[{i}] must be an image name (a string), got {type(name).__name__}")
+        names.append(name)
+    return names
+
+
 def _validate_ground_truth(data: Any, path: str) -> dict[str, Any]:
     if not isinstance(data, Mapping) or not all(key in data for key in ("imlist", "qimlist", "gnd")):
         raise DataError(f"{path!r}: expected a dict with 'imlist', 'qimlist' and 'gnd'")
-    imlist = [str(name) for name in data["imlist"]]
-    qimlist = [str(name) for name in data["qimlist"]]
+    imlist = _names(data["imlist"], "imlist", path)
+    qimlist = _names(data["qimlist"], "qimlist", path)
     if len(data["gnd"]) != len(qimlist):
         raise DataError(f"{path!r}: {len(qimlist)} queries but {len(data['gnd'])} ground-truth entries")
     gnd = []
@@ -314,12 +463,17 @@ def _validate_ground_truth(data: Any, path: str) -> dict[str, Any]:
     return {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
 @dataclass(frozen=True)
 class RevisitedDataset:
-    """Revisited Oxford or Paris as laid out by the revisitop download.
+    """A revisitop-layout dataset: Revisited Oxford or Paris, or one of your own in the same layout.
 
     ``<root>/<name>/jpg/<image>.jpg`` and ``<root>/<name>/gnd_<name>.pkl``
-    (or ``gnd_<name>.json``). Load with :func:`load_revisited`.
+    (or ``gnd_<name>.json``). An image name that already ends with an image
+    suffix (``.jpg``, ``.png``, ...) is used as is; otherwise ``.jpg`` is
+    appended, as in revisitop. Load with :func:`load_revisited`.
     """
 
     name: str
@@ -328,27 +482,40 @@ class RevisitedDataset:
     qimlist: list[str]
     gnd: list[dict[str, Any]]
 
+    def _path(self, name: str) -> Path:
+        return self.directory / "jpg" / (name if name.lower().endswith(IMAGE_SUFFIXES) else f"{name}.jpg")
+
     def image_path(self, i: int) -> Path:
-        return self.directory / "jpg" / f"{self.imlist[i]}.jpg"
+        return self._path(self.imlist[i])
 
     def query_path(self, i: int) -> Path:
-        return self.directory / "jpg" / f"{self.qimlist[i]}.jpg"
+        return self._path(self.qimlist[i])
 
 
 def load_revisited(root: str | os.PathLike, dataset: str) -> RevisitedDataset:
-    """Reads the ground truth of ``roxford5k`` / ``rparis6k`` under ``root`` (see :class:`RevisitedDataset`).
+    """Reads the ground truth of ``roxford5k``, ``rparis6k`` or a dataset of your own under ``root``.
 
     ``gnd_<dataset>.json`` is preferred when present (no unpickling at all);
-    otherwise the official ``.pkl`` is read with :func:`read_ground_truth`.
+    otherwise ``gnd_<dataset>.pkl`` (the revisitop download) is read with
+    :func:`read_ground_truth`. Any folder name is accepted for a dataset of
+    your own in the same layout (see :class:`RevisitedDataset`).
+
+    Raises:
+        ConfigError: ``dataset`` is not a plain folder name.
+        DataError: no ground-truth file, or a malformed one.
     """
-    name = dataset.lower()
-    if name not in REVISITED_DATASETS:
-        raise ConfigError(f"dataset must be one of {REVISITED_DATASETS}, got {dataset!r}")
+    name = dataset.lower() if dataset.lower() in REVISITED_DATASETS else dataset
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise ConfigError(f"dataset must be a folder name such as {REVISITED_DATASETS[0]!r}, got {dataset!r}")
     directory = Path(root) / name
     candidates = [directory / f"gnd_{name}.json", directory / f"gnd_{name}.pkl"]
     gnd_path = next((p for p in candidates if p.is_file()), None)
     if gnd_path is None:
-        raise DataError(f"no ground truth for {name}: expected {candidates[1]} (the revisitop download) or {candidates[0]}")
+        origin = "the revisitop download" if name in REVISITED_DATASETS else "a revisitop-format pickle"
+        raise DataError(
+            f"no ground truth for dataset {name!r}: expected {os.path.abspath(candidates[0])} "
+            f"(JSON, see the README's evaluation section) or {os.path.abspath(candidates[1])} ({origin})"
+        )
     data = read_ground_truth(gnd_path)
     return RevisitedDataset(name, directory, data["imlist"], data["qimlist"], data["gnd"])
 
@@ -469,8 +636,8 @@ def evaluate_revisited(
     """Revisited Oxford / Paris evaluation end to end: embed, rank by inner product, E/M/H mAP and mP@k.
 
     Args:
-        root: folder holding ``<dataset>/jpg`` and ``<dataset>/gnd_<dataset>.pkl``.
-        dataset: ``"roxford5k"`` or ``"rparis6k"``.
+        root: folder holding ``<dataset>/jpg`` and ``<dataset>/gnd_<dataset>.pkl`` (or ``.json``).
+        dataset: ``"roxford5k"``, ``"rparis6k"`` or the folder name of a dataset of your own.
         embed_fn: see :func:`embed_revisited`.
         kappas, batch_size, max_side, progress: see :func:`compute_map` and :func:`embed_revisited`.
 

@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -253,6 +254,81 @@ def test_read_ground_truth_refuses_code_in_pickles(tmp_path):
     assert not marker.exists()
 
 
+def _revisitop_shaped(rng, num_images=4993, num_queries=70):
+    """Ground truth the size of ROxford5k's: 4993 image names, 70 queries, lists of up to a few hundred ids."""
+    imlist = [f"landmark_{i // 100:03d}_{i:06d}" for i in range(num_images)]
+    gnd = []
+    for _ in range(num_queries):
+        ids = rng.permutation(num_images)
+        easy, hard, junk = rng.integers(1, 150), rng.integers(0, 250), rng.integers(0, 400)
+        gnd.append({
+            "bbx": [float(v) for v in (10.5, 20.0, 300.25, 410.0)],
+            "easy": ids[:easy].tolist(), "hard": ids[easy:easy + hard].tolist(),
+            "junk": ids[easy + hard:easy + hard + junk].tolist(),
+        })  # fmt: skip
+    return {"imlist": imlist, "qimlist": [imlist[i] for i in range(0, 700, 10)], "gnd": gnd}
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_read_ground_truth_loads_revisitop_sized_files(tmp_path, protocol):
+    data = _revisitop_shaped(np.random.default_rng(protocol))
+    if protocol == 5:  # lists as numpy arrays, as some conversions write them
+        for g in data["gnd"]:
+            g["easy"], g["bbx"] = np.asarray(g["easy"]), np.asarray(g["bbx"])
+    path = tmp_path / "gnd_roxford5k.pkl"
+    path.write_bytes(pickle.dumps(data, protocol=protocol))
+    gt = read_ground_truth(path)
+    assert gt["imlist"] == data["imlist"] and len(gt["gnd"]) == 70
+    for got, want in zip(gt["gnd"], data["gnd"]):
+        for key in ("easy", "hard", "junk"):
+            assert got[key].tolist() == np.asarray(want[key]).tolist()
+        assert got["bbx"] == (10.5, 20.0, 300.25, 410.0)
+
+
+def _nested_shared(levels: int):
+    """The "billion laughs" structure: each list holds its predecessor twice (2**levels leaves)."""
+    item = ["lol"]
+    for _ in range(levels):
+        item = [item, item]
+    return item
+
+
+def test_read_ground_truth_refuses_exponential_and_deep_pickles_quickly(tmp_path):
+    path = tmp_path / "g.pkl"
+    # ~300 bytes that unpickle into 2**30 references: expanding them (printing, validating) would take hours.
+    path.write_bytes(pickle.dumps({"imlist": _nested_shared(30), "qimlist": [], "gnd": []}, protocol=2))
+    assert path.stat().st_size < 400
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="expand to over"):
+        read_ground_truth(path)
+    assert time.perf_counter() - t0 < 0.5
+    # Wide instead of deep: 1000 references to 1000 references to a 1000-int list (10**9 ints in ~8 KB).
+    row = list(range(1000))
+    path.write_bytes(pickle.dumps({"imlist": [[row] * 1000] * 1000, "qimlist": [], "gnd": []}, protocol=4))
+    with pytest.raises(DataError, match="expand to over"):
+        read_ground_truth(path)
+    # Deep without sharing (small, but recursion in every reader).
+    deep: list = []
+    for _ in range(200):
+        deep = [deep]
+    path.write_bytes(pickle.dumps({"imlist": deep, "qimlist": [], "gnd": []}, protocol=2))
+    with pytest.raises(DataError, match="nested deeper than"):
+        read_ground_truth(path)
+    # A memo index near 2**32 would make the C unpickler size its memo table by it.
+    path.write_bytes(b"\x80\x02]r\xff\xff\xff\x7f.")  # PROTO 2, EMPTY_LIST, LONG_BINPUT 2**31 - 1, STOP
+    with pytest.raises(DataError, match="memo index"):
+        read_ground_truth(path)
+    # Sharing empty lists first and filling the shared one afterwards would hide the expansion from the count.
+    levels = b"".join(b"(h" + bytes([i]) + b"h" + bytes([i]) + b"lq" + bytes([i + 1]) + b"0" for i in range(5))
+    path.write_bytes(b"\x80\x02]q\x000" + levels + b"h\x00(K\x01K\x02e.")  # ... BINGET 0, MARK, 1, 2, APPENDS
+    with pytest.raises(DataError, match="changes an object after it was referred to again"):
+        read_ground_truth(path)
+    # The same structure small enough is fine, and names must be strings.
+    path.write_bytes(pickle.dumps({"imlist": _nested_shared(3), "qimlist": [], "gnd": []}, protocol=2))
+    with pytest.raises(DataError, match=r"imlist\[0\] must be an image name"):
+        read_ground_truth(path)
+
+
 def test_read_ground_truth_rejects_malformed(tmp_path):
     bad = {"imlist": ["a"], "qimlist": ["q"], "gnd": [{"easy": [3], "hard": [], "junk": []}]}
     (tmp_path / "g.json").write_text(json.dumps(bad))
@@ -304,8 +380,10 @@ def test_evaluate_rejects_bad_embed_fn(tmp_path):
     _write_dataset(tmp_path)
     with pytest.raises(InputShapeError, match="embed_fn"):
         evaluate_revisited(tmp_path, "roxford5k", lambda images: np.zeros((1, 3)))
-    with pytest.raises(ConfigError):
+    with pytest.raises(DataError, match="no ground truth for dataset 'oxford105k'"):
         evaluate_revisited(tmp_path, "oxford105k", mean_colour)
+    with pytest.raises(ConfigError, match="folder name"):
+        evaluate_revisited(tmp_path, "../roxford5k", mean_colour)
 
 
 # --------------------------------------------------------------------------- GLDv2
