@@ -58,3 +58,7 @@ class ModelNotFoundError(ClientError, LookupError):
 
 class ServerUnavailableError(ClientError, ConnectionError):
     """The server could not be reached (or kept failing) within the deadline."""
+
+
+class WrongProtocolError(ClientError, ConnectionError):
+    """The server at the address speaks the other protocol (a gRPC client on a REST port, or the reverse)."""

@@ -11,6 +11,7 @@ server in the middle of a call and starts it again on the same ports.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import http.server
 import io
@@ -38,7 +39,14 @@ from dolg_tf.cli import main as cli_main
 from dolg_tf.client import Client, pack_requests, prepare
 from dolg_tf.client.inputs import Limits, precheck
 from dolg_tf.client.transports import GrpcTransport, RestTransport
-from dolg_tf.errors import ClientError, ConfigError, InvalidImageError, ModelNotFoundError, ServerUnavailableError
+from dolg_tf.errors import (
+    ClientError,
+    ConfigError,
+    InvalidImageError,
+    ModelNotFoundError,
+    ServerUnavailableError,
+    WrongProtocolError,
+)
 
 EXPORT = dict(image_size=64, scales=(0.7071, 1.0), max_batch_size=4)
 START_TIMEOUT_S = 180
@@ -214,15 +222,64 @@ def test_progress_falls_back_to_a_plain_line_without_tqdm(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
-def test_unreachable_server_raises_server_unavailable_within_the_deadline(protocol):
+def test_a_first_contact_refused_is_reported_at_once_naming_the_target(protocol):
     port = _free_port()  # closed again: nothing listens there
-    with Client(f"127.0.0.1:{port}", protocol=protocol, deadline=1.5, backoff=0.05) as client:
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailableError) as info:
+        Client(f"127.0.0.1:{port}", protocol=protocol, deadline=30).embed([_photo()])
+    assert time.monotonic() - t0 < 2.0  # no retries: a wiring mistake, not an outage
+    message = str(info.value)
+    assert f"127.0.0.1:{port}" in message and "connection refused" in message and "\n" not in message
+    assert "is `dolg serve` or TF Serving running there?" in message
+    # Asked to wait for a server that is starting, the client retries that long, then says the same.
+    with Client(f"127.0.0.1:{port}", protocol=protocol, wait_for_server=1.5, backoff=0.05, max_backoff=0.2) as client:
         t0 = time.monotonic()
-        with pytest.raises(ServerUnavailableError, match="gave up after") as info:
+        with pytest.raises(ServerUnavailableError, match=r"connection refused for 1.5 s\)") as info:
             client.embed([_photo()])
         elapsed = time.monotonic() - t0
     assert isinstance(info.value, ClientError)
-    assert elapsed < 1.5 + 1.0, elapsed
+    assert 1.5 <= elapsed < 1.5 + 1.5, elapsed
+
+
+def test_cli_client_flags_are_shared_and_the_server_defaults_to_the_protocols_port(tmp_path, capsys):
+    from dolg_tf.cli import build_parser
+    from dolg_tf.cli._common import client_from_args
+
+    parser = build_parser()
+    embed = parser.parse_args(["embed", "x.jpg", "--out", "x.npy", "--protocol", "rest"])
+    with client_from_args(embed) as client:
+        assert (client.target, client.protocol) == ("localhost:8501", "rest")
+    with client_from_args(parser.parse_args(["embed", "x.jpg", "--out", "x.npy"])) as client:
+        assert (client.target, client.protocol) == ("localhost:8500", "grpc")
+    # dolg evaluate takes the same TLS, timeout and retry flags as dolg embed.
+    tls = TLS_DIR / "ca.pem"
+    evaluate = parser.parse_args([
+        "evaluate", "--data", "d", "--dataset", "mine", "--server", ":8501", "--protocol", "rest", "--timeout", "7",
+        "--deadline", "9", "--retries", "3", "--wait-for-server", "2", "--root-certificates", str(tls),
+    ])  # fmt: skip
+    with client_from_args(evaluate) as client:
+        assert (client.target, client.timeout, client.deadline, client.retries, client.wait_for_server) == (
+            "localhost:8501", 7.0, 9.0, 3, 2.0)
+        assert client._transport._verify == str(tls)
+
+    def client_flags(command: str) -> set[str]:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        return {o for a in sub._actions for o in a.option_strings}
+
+    shared = {"--server", "--protocol", "--tls", "--root-certificates", "--client-certificate", "--client-key",
+              "--timeout", "--deadline", "--retries", "--wait-for-server", "--model-name", "--signature"}
+    assert shared <= client_flags("embed") and shared <= client_flags("evaluate")
+
+
+def test_a_list_file_naming_a_missing_image_gives_the_list_and_line(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(_encode(_photo(), "PNG"))
+    listing = tmp_path / "gallery.txt"
+    listing.write_text("# gallery\na.png\n\nsub/missing.jpg\n")
+    rc = cli_main(["embed", str(listing), "--out", str(tmp_path / "e.npy"), "--server", f"127.0.0.1:{_free_port()}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{listing}, line 4: 'sub/missing.jpg'" in err and str(tmp_path / "sub" / "missing.jpg") in err
+    assert "list file's folder" in err
 
 
 def test_local_checks_run_over_the_whole_list_before_contacting_the_server(tmp_path):
@@ -640,6 +697,24 @@ def test_dolg_embed_cli_folder_list_and_in_process(server, mixed, tmp_path, caps
 
 
 @integration
+def test_a_client_on_the_other_protocols_port_is_told_which_port_it_is(server, tmp_path, capsys):
+    for protocol, port, hint in (
+        ("grpc", server.rest_port, "that port speaks HTTP/1.1, not gRPC: is it the REST port? use --protocol rest"),
+        ("rest", server.grpc_port, "that port speaks HTTP/2 (gRPC), not HTTP/1.1: is it the gRPC port? use --protocol grpc"),
+    ):
+        t0 = time.monotonic()
+        with pytest.raises(WrongProtocolError) as info:
+            Client(f"127.0.0.1:{port}", protocol=protocol).check()
+        assert time.monotonic() - t0 < 3.0
+        assert hint in str(info.value) and f"127.0.0.1:{port}" in str(info.value)
+    image = tmp_path / "a.png"
+    image.write_bytes(_encode(_photo(), "PNG"))
+    rc = cli_main(["embed", str(image), "--out", str(tmp_path / "e.npy"), "--server", f":{server.rest_port}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "use --protocol rest" in err, err
+
+
+@integration
 def test_a_server_restarted_during_a_call_is_retried_and_a_stopped_one_is_unavailable(server, mixed):
     """Kills ``dolg serve`` after two requests of a gRPC call and starts it again on the same ports.
 
@@ -651,7 +726,10 @@ def test_a_server_restarted_during_a_call_is_retried_and_a_stopped_one_is_unavai
 
     def rest_call():
         try:
-            with Client(server.target("rest"), protocol="rest", batch_size=2, deadline=150, retries=1000) as c:
+            # Started while the server is down: it must be told to wait for one (a first contact
+            # refused is otherwise reported at once as a wiring mistake).
+            with Client(server.target("rest"), protocol="rest", batch_size=2, deadline=150, retries=1000,
+                        wait_for_server=150) as c:
                 results["rest"] = c.embed(items)
         except Exception as err:  # reported by the assertion below
             results["rest"] = err

@@ -1,4 +1,4 @@
-"""Argument types shared by the ``dolg`` subcommands (each raises ``argparse.ArgumentTypeError``)."""
+"""Argument types (each raises ``argparse.ArgumentTypeError``) and the client flags shared by ``dolg`` subcommands."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ def _number(text: str, cast: Callable[[str], float], ok: Callable[[float], bool]
 
 def positive_int(text: str) -> int:
     return _number(text, int, lambda v: v > 0, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def non_negative_float(text: str) -> float:
@@ -46,3 +50,62 @@ def parse_scales(text: str) -> tuple[float, ...]:
 def parse_kappas(text: str) -> tuple[int, ...]:
     """``"1,5,10"`` -> positive ints."""
     return _positive_list(text, int, "kappas")
+
+
+# --------------------------------------------------------------------------- TF Serving client flags
+def add_client_arguments(parser: argparse.ArgumentParser, *, server_flag: bool = True) -> None:
+    """Adds the flags of a :class:`dolg_tf.client.Client` (server, protocol, model, TLS, timeouts, retries).
+
+    ``dolg embed`` and ``dolg evaluate`` share them through this function, so both
+    commands take the same flags with the same defaults. ``server_flag=False``
+    leaves ``--server`` out (a command that adds it itself, e.g. to a group).
+    """
+    if server_flag:
+        parser.add_argument("--server", default=None, metavar="HOST:PORT",
+                            help="TF Serving / dolg serve address (default: localhost:8500 for gRPC, "
+                                 "localhost:8501 for REST; ':8501' means localhost)")
+    parser.add_argument("--protocol", choices=("grpc", "rest"), default="grpc",
+                        help="grpc (port 8500) or rest (port 8501) (default: grpc)")
+    parser.add_argument("--model-name", default="dolg", help="served model name (default: dolg)")
+    parser.add_argument("--signature", default="serving_default", help="signature name (default: serving_default)")
+    version = parser.add_mutually_exclusive_group()
+    version.add_argument("--version", type=int, default=None, help="model version (default: the latest served)")
+    version.add_argument("--version-label", default=None, help="model version label, e.g. stable")
+    parser.add_argument("--timeout", type=positive_float, default=60.0,
+                        help="seconds per request attempt (default: 60)")
+    parser.add_argument("--deadline", type=positive_float, default=120.0,
+                        help="seconds per request, retries included (default: 120)")
+    parser.add_argument("--retries", type=non_negative_int, default=10,
+                        help="retries of an unavailable / timed-out request once the server has answered "
+                             "(default: 10)")
+    parser.add_argument("--wait-for-server", type=non_negative_float, default=0.0, metavar="SECONDS",
+                        help="keep retrying this long while no server listens yet (default: 0, report at once)")
+    parser.add_argument("--max-message-bytes", type=positive_int, default=32 << 20,
+                        help="largest request (default: 32 MiB)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--root-certificates", default=None, metavar="PEM", help="CA bundle (PEM) for TLS")
+    parser.add_argument("--client-certificate", default=None, metavar="PEM",
+                        help="client certificate (PEM) for mutual TLS")
+    parser.add_argument("--client-key", default=None, metavar="PEM", help="client private key (PEM) for mutual TLS")
+
+
+def client_from_args(args: argparse.Namespace, *, saved_model: str | None = None, **options):
+    """A :class:`dolg_tf.client.Client` from the flags of :func:`add_client_arguments`.
+
+    With ``saved_model`` the model runs in this process (no server, no network
+    flags). ``options`` are further ``Client`` arguments (``batch_size``...).
+    """
+    from dolg_tf.client import Client
+
+    common = dict(
+        model_name=args.model_name, signature_name=args.signature, version=args.version,
+        version_label=args.version_label, timeout=args.timeout, deadline=args.deadline, retries=args.retries,
+        max_message_bytes=args.max_message_bytes, **options,
+    )  # fmt: skip
+    if saved_model:
+        return Client(saved_model, protocol="saved_model", **common)
+    return Client(
+        args.server, protocol=args.protocol, wait_for_server=args.wait_for_server, tls=args.tls,
+        root_certificates=args.root_certificates, client_certificate=args.client_certificate,
+        client_key=args.client_key, **common,
+    )  # fmt: skip

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from dolg_tf.cli._common import positive_float, positive_int
+from dolg_tf.cli._common import add_client_arguments, positive_int
 from dolg_tf.errors import DataError, InvalidImageError
 from dolg_tf.fileio import atomic_write
 
@@ -43,7 +43,8 @@ def _folder_images(folder: str) -> list[str]:
     return sorted(found, key=lambda p: os.path.relpath(p, folder).split(os.sep))
 
 
-def _list_file(path: str, root: str | None) -> list[tuple[str, str]]:
+def _list_file(path: str, root: str | None) -> list[tuple[str, str, int]]:
+    """``(path, entry as written, line number)`` for each image line of a list file."""
     try:
         if os.path.getsize(path) > _MAX_LIST_BYTES:
             raise DataError(f"list file {path!r} is larger than {_MAX_LIST_BYTES} bytes")
@@ -53,40 +54,47 @@ def _list_file(path: str, root: str | None) -> list[tuple[str, str]]:
         raise DataError(f"cannot read list file {path!r}: {err}") from err
     base = root if root is not None else os.path.dirname(os.path.abspath(path))
     out = []
-    for line in lines:
+    for number, line in enumerate(lines, start=1):
         entry = line.strip()
         if entry and not entry.startswith("#"):
-            out.append((os.path.join(base, entry), entry))
+            out.append((os.path.join(base, entry), entry, number))
     return out
 
 
-def collect_inputs(inputs: list[str], root: str | None = None) -> tuple[list[str], list[str]]:
-    """Expands folders, list files and files into ``(paths, ids)``, in order.
-
-    Raises:
-        DataError: an input does not exist, a list file is unreadable, no image
-            was found, or two images got the same id.
-    """
+def _collect(inputs: list[str], root: str | None) -> tuple[list[str], list[str], list[str | None]]:
+    """Like :func:`collect_inputs`, plus each image's origin: ``"<list file>, line N"`` or None."""
     paths: list[str] = []
     ids: list[str] = []
+    origins: list[str | None] = []
     for arg in inputs:
         if os.path.isdir(arg):
             found = _folder_images(arg)
             if not found:
-                raise DataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found under {arg!r}")
+                raise DataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found under {os.path.abspath(arg)!r}")
             for path in found:
                 rel = os.path.relpath(path, arg).replace(os.sep, "/")
                 paths.append(path)
                 ids.append(rel if len(inputs) == 1 else f"{arg.rstrip('/')}/{rel}")
+                origins.append(None)
         elif arg.lower().endswith(".txt"):
-            for path, entry in _list_file(arg, root):
+            for path, entry, number in _list_file(arg, root):
+                origin = f"{os.path.abspath(arg)}, line {number}"
+                if not os.path.isfile(path):
+                    relative = "" if os.path.isabs(entry) else (
+                        " (relative paths are taken from --root)" if root is not None
+                        else " (relative paths are taken from the list file's folder; --root changes that)"
+                    )
+                    what = "is a folder, not an image file" if os.path.isdir(path) else "does not exist"
+                    raise DataError(f"{origin}: {entry!r} -> {os.path.abspath(path)} {what}{relative}")
                 paths.append(path)
                 ids.append(entry)
+                origins.append(origin)
         elif os.path.exists(arg):
             paths.append(arg)
             ids.append(arg)
+            origins.append(None)
         else:
-            raise DataError(f"no such file or folder: {arg!r}")
+            raise DataError(f"no such file or folder: {os.path.abspath(arg)!r}")
     if not paths:
         raise DataError("no images to embed")
     seen: dict[str, int] = {}
@@ -94,53 +102,47 @@ def collect_inputs(inputs: list[str], root: str | None = None) -> tuple[list[str
         if key in seen:
             raise DataError(f"two images have the id {key!r} (inputs {seen[key]} and {i}); ids must be unique")
         seen[key] = i
+    return paths, ids, origins
+
+
+def collect_inputs(inputs: list[str], root: str | None = None) -> tuple[list[str], list[str]]:
+    """Expands folders, list files and files into ``(paths, ids)``, in order.
+
+    Raises:
+        DataError: an input does not exist, a list file is unreadable or names
+            a missing file (the error gives the list file and line), no image
+            was found, or two images got the same id.
+    """
+    paths, ids, _ = _collect(inputs, root)
     return paths, ids
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from dolg_tf.client import Client
+    from dolg_tf.cli._common import client_from_args
 
     if not args.out.endswith(".npy"):
         raise DataError(f"--out must name a .npy file, got {args.out!r}")
-    ids_path = args.ids or args.out[: -len(".npy")] + ".ids.json"
-    paths, ids = collect_inputs(args.inputs, args.root)
-    options = dict(
-        model_name=args.model_name,
-        signature_name=args.signature,
-        version=args.version,
-        version_label=args.version_label,
-        timeout=args.timeout,
-        deadline=args.deadline,
-        retries=args.retries,
-        batch_size=args.batch_size,
-        max_in_flight=args.max_in_flight,
-        max_message_bytes=args.max_message_bytes,
-        progress=not args.no_progress,
-    )
-    if args.saved_model:
-        client = Client(args.saved_model, protocol="saved_model", **options)
-        source = f"saved_model:{args.saved_model}"
-    else:
-        tls = dict(
-            tls=args.tls,
-            root_certificates=args.root_certificates,
-            client_certificate=args.client_certificate,
-            client_key=args.client_key,
-        )
-        client = Client(args.server, protocol=args.protocol, **options, **tls)
-        source = f"{args.protocol}://{args.server}"
+    out = os.path.abspath(args.out)
+    ids_path = os.path.abspath(args.ids or args.out[: -len(".npy")] + ".ids.json")
+    paths, ids, origins = _collect(args.inputs, args.root)
+    options = dict(batch_size=args.batch_size, max_in_flight=args.max_in_flight, progress=not args.no_progress)
+    client = client_from_args(args, saved_model=args.saved_model, **options)
+    source = f"saved_model:{os.path.abspath(args.saved_model)}" if args.saved_model else f"{args.protocol}://{client.target}"
     t0 = time.perf_counter()
     with client:
         info = client.check()
         try:
             emb = client.embed(paths)
         except InvalidImageError as err:
-            where = paths[err.index] if err.index is not None else "request"
+            if err.index is None:
+                raise InvalidImageError(f"request: {err.reason}") from None
+            origin = origins[err.index]
+            where = os.path.abspath(paths[err.index]) + (f" ({origin})" if origin else "")
             raise InvalidImageError(f"{where}: {err.reason}") from None
     seconds = time.perf_counter() - t0
-    atomic_write(args.out, lambda f: np.save(f, emb.astype(np.float32), allow_pickle=False))
+    atomic_write(out, lambda f: np.save(f, emb.astype(np.float32), allow_pickle=False))
     meta = {
         "ids": ids,
         "count": len(ids),
@@ -149,7 +151,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         "version": info.version,
         "signature": info.signature_name,
         "source": source,
-        "embeddings": os.path.basename(args.out),
+        "embeddings": os.path.basename(out),
     }
     atomic_write(ids_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     summary = {
@@ -157,7 +159,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         "dim": int(emb.shape[1]),
         "seconds": round(seconds, 2),
         "images_per_s": round(len(ids) / max(seconds, 1e-9), 2),
-        "out": args.out,
+        "out": out,
         "ids": ids_path,
         "model": info.model_name,
         "version": info.version,
@@ -166,7 +168,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     print(json.dumps(summary))
     print(
         f"embedded {len(ids)} images ({emb.shape[1]}-d, {info.model_name} v{info.version}) via {source} "
-        f"in {seconds:.1f} s ({summary['images_per_s']} images/s) -> {args.out}, {ids_path}",
+        f"in {seconds:.1f} s ({summary['images_per_s']} images/s) -> {out}, {ids_path}",
         file=sys.stderr,
     )
     return 0
@@ -183,23 +185,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="embeddings file to write (.npy, float32 (N, D))")
     p.add_argument("--ids", default=None, help="ids JSON to write (default: <out without .npy>.ids.json)")
     p.add_argument("--root", default=None, help="folder that relative paths in list files are relative to")
-    p.add_argument("--server", default="localhost:8500", help="host:port of TF Serving / dolg serve (default: localhost:8500)")
-    p.add_argument("--protocol", choices=("grpc", "rest"), default="grpc", help="grpc (port 8500) or rest (8501)")
     p.add_argument("--saved-model", default=None, help="embed in this process with this SavedModel (base or version dir); no server")
-    p.add_argument("--model-name", default="dolg", help="served model name (default: dolg)")
-    p.add_argument("--signature", default="serving_default", help="signature name (default: serving_default)")
-    version = p.add_mutually_exclusive_group()
-    version.add_argument("--version", type=int, default=None, help="model version (default: the latest served)")
-    version.add_argument("--version-label", default=None, help="model version label, e.g. stable")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per request (default: 8)")
     p.add_argument("--max-in-flight", type=positive_int, default=2, help="concurrent requests (default: 2)")
-    p.add_argument("--max-message-bytes", type=positive_int, default=32 << 20, help="largest request (default: 32 MiB)")
-    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request attempt (default: 60)")
-    p.add_argument("--deadline", type=positive_float, default=120.0, help="seconds per request, retries included (default: 120)")
-    p.add_argument("--retries", type=int, default=10, help="retries of an unavailable / timed-out request (default: 10)")
-    p.add_argument("--tls", action="store_true", help="connect with TLS")
-    p.add_argument("--root-certificates", default=None, help="CA bundle (PEM) for TLS")
-    p.add_argument("--client-certificate", default=None, help="client certificate (PEM) for mutual TLS")
-    p.add_argument("--client-key", default=None, help="client private key (PEM) for mutual TLS")
+    add_client_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_embed)

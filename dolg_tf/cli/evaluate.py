@@ -1,4 +1,4 @@
-"""``dolg evaluate``: Revisited Oxford / Paris mAP (Easy / Medium / Hard) and mP@k.
+"""``dolg evaluate``: Revisited Oxford / Paris (or your own revisitop-format dataset) mAP (E / M / H) and mP@k.
 
 The embeddings come from one source: a ``.keras`` model run in-process
 (``--model``), an exported SavedModel run in-process (``--saved-model``) or a
@@ -13,9 +13,10 @@ import json
 import os
 import time
 
-from dolg_tf.cli._common import non_negative_float, parse_kappas, parse_scales, positive_int
+from dolg_tf.cli._common import add_client_arguments, non_negative_float, parse_kappas, parse_scales, positive_int
 from dolg_tf.cli.index import load_embeddings
 from dolg_tf.errors import DataError
+from dolg_tf.fileio import atomic_write, atomic_write_json
 
 
 def _keras_embed_fn(path: str, scales):
@@ -36,11 +37,9 @@ def _keras_embed_fn(path: str, scales):
 
 def _client(args: argparse.Namespace):
     """A :class:`dolg_tf.client.Client` for ``--server`` or ``--saved-model`` (imported only here)."""
-    from dolg_tf.client import Client
+    from dolg_tf.cli._common import client_from_args
 
-    if args.saved_model:
-        return Client(args.saved_model, model_name=args.model_name, protocol="saved_model", batch_size=args.batch_size)
-    return Client(args.server, model_name=args.model_name, protocol=args.protocol, batch_size=args.batch_size)
+    return client_from_args(args, saved_model=args.saved_model, batch_size=args.batch_size)
 
 
 def _rank(query_emb, db_emb, args: argparse.Namespace):
@@ -76,21 +75,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 f"{args.embeddings}: {query_emb.shape[0]} query and {db_emb.shape[0]} database embeddings, "
                 f"but {data.name} has {len(data.qimlist)} queries and {len(data.imlist)} images"
             )
-        source = f"embeddings {args.embeddings}"
+        source = f"embeddings {os.path.abspath(args.embeddings)}"
     else:
         options = dict(batch_size=args.batch_size, max_side=args.max_side, progress=not args.no_progress)
         if args.model:
-            source = f"model {args.model}"
+            source = f"model {os.path.abspath(args.model)}"
             query_emb, db_emb = embed_revisited(data, _keras_embed_fn(args.model, args.scales), **options)
         else:
-            source = f"saved_model {args.saved_model}" if args.saved_model else f"server {args.server} ({args.protocol})"
-            with _client(args) as client:
+            client = _client(args)
+            source = (
+                f"saved_model {os.path.abspath(args.saved_model)}" if args.saved_model
+                else f"server {client.target} ({args.protocol})"
+            )
+            with client:
                 client.check()
                 query_emb, db_emb = embed_revisited(data, lambda images: client.embed(images, progress=False), **options)
         if args.save_embeddings:
-            os.makedirs(args.save_embeddings, exist_ok=True)
-            np.save(os.path.join(args.save_embeddings, "queries.npy"), query_emb)
-            np.save(os.path.join(args.save_embeddings, "db.npy"), db_emb)
+            for name, emb in (("queries.npy", query_emb), ("db.npy", db_emb)):
+                path = os.path.join(args.save_embeddings, name)
+                atomic_write(path, lambda f, emb=emb: np.save(f, emb, allow_pickle=False))
     embed_s = time.perf_counter() - t0
     metrics = revisited_map(_rank(query_emb, db_emb, args), data.gnd, args.kappas)
     summary = {
@@ -104,8 +107,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         **{setup: {k: round(v, 6) for k, v in m.items()} for setup, m in metrics.items()},
     }
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        summary["out"] = os.path.abspath(args.out)
+        atomic_write_json(args.out, summary, indent=2)
     print(json.dumps(summary))
     ks = ", ".join(f"mP@{k}" for k in args.kappas)
     print(
@@ -119,20 +122,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     ev = sub.add_parser(
         "evaluate",
-        help="Revisited Oxford/Paris mAP (E/M/H) and mP@k",
+        help="Revisited Oxford/Paris (or your own revisitop-format dataset) mAP (E/M/H) and mP@k",
         description="Evaluates on ROxford5k / RParis6k laid out as the revisitop download: "
         "ROOT/<dataset>/jpg/*.jpg and ROOT/<dataset>/gnd_<dataset>.pkl (read with a restricted unpickler) "
-        "or gnd_<dataset>.json. Queries are cropped to their bounding box.",
+        "or gnd_<dataset>.json (preferred). Any other dataset name is a dataset of your own in the same "
+        "layout (the README's evaluation section gives the JSON ground-truth schema). Queries are cropped "
+        "to their bounding box.",
     )
     ev.add_argument("--data", required=True, metavar="ROOT", help="folder holding <dataset>/jpg and <dataset>/gnd_<dataset>.pkl")
-    ev.add_argument("--dataset", required=True, choices=("roxford5k", "rparis6k"))
+    ev.add_argument("--dataset", required=True, metavar="NAME",
+                    help="roxford5k, rparis6k, or the folder name of your own revisitop-format dataset")
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a .keras DOLG model, run in-process")
     source.add_argument("--saved-model", metavar="DIR", help="an exported SavedModel (version or base dir), run in-process")
-    source.add_argument("--server", metavar="TARGET", help="a TF Serving address, e.g. localhost:8500 (gRPC) or :8501 (REST)")
+    source.add_argument("--server", metavar="HOST:PORT",
+                        help="a TF Serving / dolg serve address, e.g. localhost:8500 (gRPC) or, "
+                             "with --protocol rest, localhost:8501")
     source.add_argument("--embeddings", metavar="DIR", help="DIR/queries.npy and DIR/db.npy from --save-embeddings")
-    ev.add_argument("--protocol", choices=("grpc", "rest"), default="grpc", help="with --server (default: grpc)")
-    ev.add_argument("--model-name", default="dolg", help="model name, with --server / --saved-model (default: dolg)")
+    add_client_arguments(ev, server_flag=False)
     ev.add_argument("--scales", type=parse_scales, default=(0.7071, 1.0, 1.4142), help="with --model: inference scales")
     ev.add_argument("--batch-size", type=positive_int, default=8, help="images per embedding call (default: 8)")
     ev.add_argument("--max-side", type=positive_int, default=None, help="shrink images to this longer side (default: as is)")

@@ -164,6 +164,10 @@ class Client:
             ``max_backoff``, each delay scaled by a random factor in [0.5, 1]
             (jitter) so that many clients do not retry in step.
         max_backoff: longest delay between two attempts.
+        wait_for_server: seconds to keep retrying while the first contact finds
+            no server (connection refused, unknown host). Default 0: a wiring
+            mistake is reported at once, naming the target. Once the server
+            has answered, failures are retried as above whatever this is.
         tls: use TLS (implied by the certificate options).
         root_certificates: CA certificates (PEM bytes or path); default: the system's.
         client_certificate: client certificate chain for mutual TLS (PEM bytes or path).
@@ -204,6 +208,7 @@ class Client:
         deadline: float = 120.0,
         backoff: float = 0.25,
         max_backoff: float = 8.0,
+        wait_for_server: float = 0.0,
         tls: bool = False,
         root_certificates: bytes | str | os.PathLike | None = None,
         client_certificate: bytes | str | os.PathLike | None = None,
@@ -239,13 +244,18 @@ class Client:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "retries" else 1):
                 raise ConfigError(f"{name} must be a {'non-negative' if name == 'retries' else 'positive'} int, got {value!r}")
+        if isinstance(wait_for_server, bool) or not isinstance(wait_for_server, (int, float)) or wait_for_server < 0:
+            raise ConfigError(f"wait_for_server must be a number of seconds >= 0, got {wait_for_server!r}")
         if credentials is not None and protocol != "grpc":
             raise ConfigError("credentials (grpc.ChannelCredentials) apply to protocol='grpc' only")
         if target is None:
             if protocol == "saved_model":
                 raise ConfigError("protocol='saved_model' needs target=<SavedModel directory>")
             target = DEFAULT_TARGETS[protocol]
-        self.target = os.fspath(target)
+        target = os.fspath(target)
+        if protocol != "saved_model" and target.startswith(":"):  # ":8501", as TF Serving's docs write it
+            target = "localhost" + target
+        self.target = target
         self.protocol = protocol
         self.spec = ModelSpec(model_name, signature_name, version, version_label)
         self.timeout = float(timeout)
@@ -253,6 +263,9 @@ class Client:
         self.deadline = float(deadline)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
+        self.wait_for_server = float(wait_for_server)
+        # Until the server has answered once, "nobody listens there" is a wiring mistake, not an outage.
+        self._contacted = protocol == "saved_model"
         self.batch_size = batch_size
         self.max_in_flight = max_in_flight
         self.progress = progress
@@ -302,16 +315,32 @@ class Client:
 
     # ------------------------------------------------------------------ calls
     def _retrying(self, call: Callable[[float], Any]) -> Any:
-        """Runs ``call(attempt_timeout)``, retrying :class:`Transient` failures with backoff inside the deadline."""
-        start = time.monotonic()
-        attempt = 0
+        """Runs ``call(attempt_timeout)``, retrying :class:`Transient` failures with backoff inside the deadline.
+
+        Before the server has answered once, "nothing listens there" is retried
+        only for ``wait_for_server`` seconds (not counted against ``retries`` or
+        the deadline, which start once a server is there).
+        """
+        start = waiting_since = time.monotonic()
+        attempt = waits = 0
         while True:
             remaining = self.deadline - (time.monotonic() - start)
             try:
-                return call(min(self.timeout, max(0.05, remaining)))
+                result = call(min(self.timeout, max(0.05, remaining)))
             except Transient as err:
+                now = time.monotonic()
+                if err.unreachable and not self._contacted:
+                    left = self.wait_for_server - (now - waiting_since)
+                    if left <= 0:
+                        raise ServerUnavailableError(self._unreachable_message(err)) from None
+                    waits += 1
+                    delay = min(self.max_backoff, self.backoff * 2 ** min(waits - 1, 30)) * random.uniform(0.5, 1.0)
+                    log.info("%s; waiting for the server (%.0f s left)", err, left)
+                    time.sleep(min(delay, left))
+                    start = time.monotonic()
+                    continue
                 attempt += 1
-                elapsed = time.monotonic() - start
+                elapsed = now - start
                 delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
                 if attempt > self.retries or elapsed + delay >= self.deadline:
                     raise ServerUnavailableError(
@@ -320,6 +349,22 @@ class Client:
                     ) from None
                 log.warning("%s; retry %d of %d in %.2f s", err, attempt, self.retries, delay)
                 time.sleep(delay)
+            except (ModelNotFoundError, Rejected, TooLarge):
+                self._contacted = True  # the server answered, if only to refuse
+                raise
+            else:
+                self._contacted = True
+                return result
+
+    def _unreachable_message(self, err: Transient) -> str:
+        unknown_host = re.search(r"resol|name or service|nodename|hostname", str(err), re.I)
+        reason = "unknown host" if unknown_host else "connection refused"
+        waited = f" for {self.wait_for_server:g} s" if self.wait_for_server else ""
+        protocol = {"grpc": "gRPC", "rest": "REST"}[self.protocol]
+        return (
+            f"no server answers at {self.target} ({protocol}: {reason}{waited}): is `dolg serve` or TF Serving "
+            "running there? (--wait-for-server SECONDS / wait_for_server= waits for one that is starting)"
+        )
 
     def check(self) -> ModelInfo:
         """Fetches the model's metadata (once) and checks it is a DOLG embedding signature.

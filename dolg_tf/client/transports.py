@@ -25,7 +25,7 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from dolg_tf.client import _protos as pb
-from dolg_tf.errors import ClientError, ConfigError, ModelNotFoundError
+from dolg_tf.errors import ClientError, ConfigError, ModelNotFoundError, WrongProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,28 @@ _MAX_RECEIVE_BYTES = 256 * 1024 * 1024
 
 
 class Transient(Exception):
-    """The server is unreachable, restarting, overloaded or too slow: worth retrying."""
+    """The server is unreachable, restarting, overloaded or too slow: worth retrying.
+
+    ``unreachable`` is True when nothing answered at all (connection refused,
+    unknown host): on the client's first contact that is a wiring mistake,
+    reported at once rather than retried.
+    """
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+# What gRPC and urllib3 say when no server listens at the address, or the host does not resolve.
+_UNREACHABLE = re.compile(
+    r"Connection refused|errors resolving|DNS resolution failed|Name or service not known|"
+    r"nodename nor servname|Temporary failure in name resolution|No address associated with hostname",
+    re.IGNORECASE,
+)
+GRPC_ON_REST_PORT = "that port speaks HTTP/1.1, not gRPC: is it the REST port? use --protocol rest (protocol='rest')"
+REST_ON_GRPC_PORT = (
+    "that port speaks HTTP/2 (gRPC), not HTTP/1.1: is it the gRPC port? use --protocol grpc (protocol='grpc')"
+)
 
 
 class Rejected(Exception):
@@ -256,8 +277,10 @@ class GrpcTransport:
         name = code.name if code is not None else "UNKNOWN"
         details = (err.details() if hasattr(err, "details") else None) or str(err)
         message = f"{what} at {self.target} (gRPC): {name}: {details}"
+        if "Failed parsing HTTP/2" in details or "http1.x server" in details:
+            return WrongProtocolError(f"{what} at {self.target} (gRPC): {GRPC_ON_REST_PORT}")
         if name in _TRANSIENT_GRPC:
-            return Transient(message)
+            return Transient(message, unreachable=name == "UNAVAILABLE" and bool(_UNREACHABLE.search(details)))
         if name == "RESOURCE_EXHAUSTED":
             # Over a message limit (gRPC's own wording) vs. a full batching queue.
             return TooLarge(message) if "larger than max" in details else Transient(message)
@@ -407,10 +430,13 @@ class RestTransport:
                 method, url, data=body, timeout=timeout, verify=self._verify, cert=self._cert, proxies=self._proxies
             )
         except (r.exceptions.ConnectionError, r.exceptions.Timeout, r.exceptions.ChunkedEncodingError) as err:
+            if "BadStatusLine" in str(err) and "\\x00\\x00" in str(err):  # HTTP/2 frames where a status line belongs
+                raise WrongProtocolError(f"{what} at {self.target} (REST): {REST_ON_GRPC_PORT}") from None
             # urllib3 nests the useful part ("[Errno 111] Connection refused") deep in its message.
             errno = re.search(r"\[Errno -?\d+\] [^\"')]+", str(err))
             detail = errno.group(0) if errno else str(err)
-            raise Transient(f"{what} at {self.target} (REST): {type(err).__name__}: {detail}") from None
+            unreachable = isinstance(err, r.exceptions.ConnectionError) and bool(_UNREACHABLE.search(str(err)))
+            raise Transient(f"{what} at {self.target} (REST): {type(err).__name__}: {detail}", unreachable) from None
         except r.exceptions.RequestException as err:
             raise ClientError(f"{what} at {self.target} (REST): {err}") from None
         try:
