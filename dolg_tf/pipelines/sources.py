@@ -152,13 +152,19 @@ class CsvRefs(beam.DoFn):
             )
             return
         key, path = rows[0][0].strip(), rows[0][1].strip()
-        if "://" not in path and not path.startswith("/"):
-            path = _join(self._spec.base, path)
+        if "://" not in path:  # a local path, or relative to the CSV's folder (local or remote)
+            base = self._spec.base
+            path = _join(base, path) if "://" in base else posixpath.normpath(posixpath.join(base, path))
         yield key, path
 
 
 class MergeRefs(beam.DoFn):
-    """``(id, [paths])`` -> one ``(id, path)``; an id given for different files is a dead letter."""
+    """``(id, [paths])`` -> one ``(id, path)``.
+
+    The same file twice is read once. An id given for different files keeps the
+    smallest path (a rule that does not depend on the order workers see the rows);
+    each other path is a dead letter naming the one kept.
+    """
 
     def process(self, element):
         key, paths = element
