@@ -48,6 +48,30 @@ class _Target:
     transform: Callable[[np.ndarray], np.ndarray]
 
 
+def _unreadable_checkpoint(path: str, err: Exception) -> WeightsError:
+    """One line saying what the file is and what was expected (torch's own text is a page long)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = b""
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if unsupported:
+        why = f"it holds a Python object ({unsupported.group(1)}) besides tensors, which is not run"
+    elif head.startswith(b"PK\x03\x04"):
+        why = "it is a zip archive but not a complete one written by torch.save (truncated or damaged?)"
+    elif head[:1] == b"\x80":
+        why = "it is a pickle of something other than tensors and plain containers"
+    elif not head:
+        why = "it is empty"
+    else:
+        why = f"it does not start like one (first bytes {head!r})"
+    return WeightsError(
+        f"{path!r} is not a PyTorch checkpoint that PyTorch's weights-only loader can read: {why}; expected the "
+        "official DOLG weights (.pyth/.pth: torch.save of {'model_state': state_dict} or of a bare state_dict)"
+    )
+
+
 def load_official_state_dict(checkpoint_path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads an official checkpoint (``{'model_state': ...}`` or a bare state_dict) as numpy arrays."""
     try:
@@ -60,7 +84,7 @@ def load_official_state_dict(checkpoint_path: str | os.PathLike) -> dict[str, np
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for non-weights content, RuntimeError for a bad zip, ...
-        raise WeightsError(f"{path!r} is not a readable weights-only PyTorch checkpoint: {err}") from err
+        raise _unreadable_checkpoint(path, err) from err
     if isinstance(obj, Mapping) and "model_state" in obj:
         obj = obj["model_state"]
     if not isinstance(obj, Mapping) or not obj:

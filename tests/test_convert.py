@@ -2,6 +2,7 @@
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -141,11 +142,19 @@ class _NotAWeight:
 
 def test_unsafe_or_foreign_files_are_refused(tmp_path):
     torch.save({"model_state": _NotAWeight()}, tmp_path / "pickle.pyth")
-    with pytest.raises(WeightsError, match="weights-only"):
+    with pytest.raises(WeightsError, match=r"weights-only.*holds a Python object \(.*_NotAWeight\)"):
         load_official_state_dict(tmp_path / "pickle.pyth")
     (tmp_path / "junk.pyth").write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="weights-only"):
+    with pytest.raises(WeightsError, match="weights-only") as info:
         load_official_state_dict(tmp_path / "junk.pyth")
+    # One line that says what the file is and what was expected, without torch's page of advice.
+    message = str(info.value)
+    assert "\n" not in message and "weights_only` set to `False" not in message and "operand" not in message
+    assert "does not start like one (first bytes b'not a ch')" in message and "official DOLG weights" in message
+    (tmp_path / "e.pyth").write_bytes(b"export PATH=1\n")  # the first byte is 101
+    with pytest.raises(WeightsError) as info:
+        load_official_state_dict(tmp_path / "e.pyth")
+    assert not re.search(r": \d+$", str(info.value)) and "expected the official DOLG weights" in str(info.value)
     with pytest.raises(WeightsError, match="does not exist"):
         load_official_state_dict(tmp_path / "missing.pyth")
     torch.save({"model_state": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pyth")
