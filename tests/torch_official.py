@@ -1,6 +1,8 @@
-"""A PyTorch re-statement of the official DOLG model, written from
-shared/reference/official_dolg_*.txt: same module names, state_dict order and
-shapes, same forward. Used only to test the converter (no torchvision)."""
+"""A PyTorch re-statement of the official DOLG model and its multi-scale extractor.
+
+Same module names, state_dict order and shapes as the authors' released code
+(the listings are in tests/data/official_dolg_*_state_dict.tsv), same forward.
+Used only to test the converter and the exports (no torchvision)."""
 
 from __future__ import annotations
 
@@ -176,3 +178,37 @@ def official_input(images_rgb_0_255):
     mean = torch.tensor([0.406, 0.456, 0.485])
     std = torch.tensor([0.225, 0.224, 0.229])
     return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
+
+
+def official_scaled_size(side: int, scale: float) -> int:
+    """The authors' extractor's size for one side: Python's ``round`` (half to even) of a float64 product.
+
+    Written out here, not imported from dolg_tf, so the tests that use it check
+    the graph against an independent computation. A side that rounds to 0
+    (which the authors' code would hand to OpenCV and fail on) becomes 1.
+    """
+    return max(1, int(round(float(side) * float(scale))))
+
+
+def official_multiscale(module: OfficialDOLG, images_rgb_0_255, scales) -> "np.ndarray":
+    """The authors' multi-scale extraction of RGB [0,255] NHWC numpy images (one size per call).
+
+    For each scale: resize the decoded pixels to ``round(h * s) x round(w * s)``
+    (bilinear, half-pixel centres, no antialias: OpenCV's INTER_LINEAR), apply
+    the official preprocessing, run the model, L2-normalise; then average the
+    per-scale descriptors and L2-normalise again.
+    """
+    import numpy as np
+
+    h, w = images_rgb_0_255.shape[1:3]
+    total = 0
+    for s in scales:
+        x = torch.from_numpy(np.ascontiguousarray(images_rgb_0_255, dtype=np.float32)).permute(0, 3, 1, 2)
+        size = (official_scaled_size(h, s), official_scaled_size(w, s))
+        if size != (h, w):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
+        x = official_input(x.permute(0, 2, 3, 1).numpy())
+        with torch.no_grad():
+            d = module(x)[0].double().numpy()
+        total = total + d / np.linalg.norm(d, axis=1, keepdims=True)
+    return (total / np.linalg.norm(total, axis=1, keepdims=True)).astype(np.float32)

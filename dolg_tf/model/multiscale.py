@@ -12,10 +12,27 @@ from dolg_tf.errors import ConfigError, InputShapeError
 from dolg_tf.layers.normalization import l2_normalize
 
 
-def scaled_size(size: tf.Tensor, scale: float) -> tf.Tensor:
-    """``max(1, round_half_up(size * scale))``, OpenCV's rounding of a resize factor."""
-    scaled = tf.floor(tf.cast(size, tf.float32) * scale + 0.5)
-    return tf.maximum(tf.cast(scaled, tf.int32), 1)
+def scaled_size(size, scale) -> tf.Tensor:
+    """The one size rule for every resize by a factor: ``max(1, int(round(float(size) * scale)))``.
+
+    This is the authors' extractor's rule: the product is taken in float64
+    and rounded half to even, as Python's ``round`` does (``round(74.5) ==
+    74``, ``round(75.5) == 76``); ``tf.round`` rounds half to even too. A side
+    that would round to 0 becomes 1. ``scale`` may be a Python number or a
+    tensor (the export's pre-resize ratio is one).
+
+    Args:
+        size: int scalar (or tensor) side length.
+        scale: the resize factor.
+
+    Returns:
+        int32 tensor, the scaled side.
+    """
+    # A Python float goes straight to float64: through a float32 tensor 0.3535 would
+    # lose the bits that decide ties (3000 * 0.3535 must round to 1060, not 1061).
+    scale = tf.cast(scale, tf.float64) if isinstance(scale, tf.Tensor) else tf.constant(float(scale), tf.float64)
+    product = tf.cast(size, tf.float64) * scale
+    return tf.maximum(tf.cast(tf.round(product), tf.int32), 1)
 
 
 def multiscale_embed(
@@ -27,7 +44,7 @@ def multiscale_embed(
 
     Each image batch is resized (bilinear, no antialiasing, like OpenCV's
     ``resize`` used by the official evaluation) by every factor in
-    ``scales``; each scale's descriptor is L2-normalised, the descriptors are
+    ``scales``, each side to :func:`scaled_size` (the authors' rounding); each scale's descriptor is L2-normalised, the descriptors are
     averaged and the average is L2-normalised again. Sizes are computed at run
     time, so this works inside a ``tf.function`` with unknown H and W (it is
     used inside the exported SavedModel).
