@@ -369,6 +369,10 @@ def test_inspect_cli_reports_statistics_and_bad_paths(layouts, tmp_path, capsys)
     assert report["format"] == "csv" and report["num_classes"] == 3
     assert report["images_per_class"] == {"min": 1, "median": 2.0, "max": 3}
     assert report["decode"]["decoded"] == 6 and report["decode"]["skipped"] == 0
+    # Without --json: the same JSON line first, then the human-readable lines.
+    assert cli.main(["data", "inspect", "--data", str(layouts / "csv" / "data.csv")]) == 0
+    first, *rest = capsys.readouterr().out.splitlines()
+    assert json.loads(first)["num_examples"] == 6 and rest and rest[-1].startswith("images per class: min 1")
     assert cli.main(["data", "inspect", "--data", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["data", "to-tfrecord", "--out", str(tmp_path / "o"), "--shards", "0"]) == 2

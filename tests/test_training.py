@@ -66,8 +66,15 @@ def test_set_overrides_sections_and_values():
     assert parse_value("true") is True and parse_value("none") is None and parse_value("1e-4") == 1e-4
     with pytest.raises(ConfigError, match="ambiguous"):
         split_overrides(["seed=1"], sections)
-    with pytest.raises(ConfigError, match="no config field"):
+    with pytest.raises(ConfigError, match="no config field") as info:
         split_overrides(["nope=1"], sections)
+    assert "did you mean" not in str(info.value)
+    # A typo gets the closest names first (difflib), not a list of every field.
+    with pytest.raises(ConfigError, match=r"^--set lrr: no config field of that name; did you mean lr\?") as info:
+        split_overrides(["lrr=0.1"], sections)
+    assert "gem_p" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"model has no field 'gem_q'; did you mean model.gem_p\?"):
+        split_overrides(["model.gem_q=3"], sections)
     with pytest.raises(ConfigError, match="key=value"):
         split_overrides(["lr"], sections)
 

@@ -16,16 +16,53 @@ import os
 import pkgutil
 import sys
 
+from dolg_tf.cli._common import import_tensorflow_quietly
 from dolg_tf.errors import DolgError
+
+# Commands that always run TensorFlow: it is imported up front (see import_tensorflow_quietly).
+_TENSORFLOW_COMMANDS = {"convert", "data", "export", "serve", "train"}
+
+
+def _version() -> str:
+    """``dolg 0.1.0 (TensorFlow 2.x, Keras 3.x, Python 3.x)``, without importing TensorFlow."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from dolg_tf import __version__
+
+    parts = []
+    for dist, name in (("tensorflow", "TensorFlow"), ("keras", "Keras")):
+        try:
+            parts.append(f"{name} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return f"dolg {__version__} ({', '.join(parts)}, Python {sys.version.split()[0]})"
+
+
+def _describe(parser: argparse.ArgumentParser, module) -> None:
+    """A subcommand without a description of its own shows its module's docstring in ``--help``."""
+    if not parser.description and module.__doc__:
+        parser.description = module.__doc__.strip()
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action.choices.values():
+                if not choice.description:
+                    help_text = next((a.help for a in action._choices_actions if a.dest == choice.prog.split()[-1]), None)
+                    choice.description = help_text
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dolg", description="DOLG image retrieval in Keras 3 / TensorFlow.")
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}").register(sub)
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            known = set(sub.choices)
+            module.register(sub)
+            for name in set(sub.choices) - known:
+                _describe(sub.choices[name], module)
     return parser
 
 
@@ -40,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        if args.command in _TENSORFLOW_COMMANDS:
+            import_tensorflow_quietly()
         return args.func(args)
     except DolgError as err:
         print(f"dolg {args.command}: error: {err}", file=sys.stderr)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import glob
+import os
+import re
+import sys
+import tempfile
 from collections.abc import Callable
 
 
@@ -109,3 +114,58 @@ def client_from_args(args: argparse.Namespace, *, saved_model: str | None = None
         root_certificates=args.root_certificates, client_certificate=args.client_certificate,
         client_key=args.client_key, **common,
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- TensorFlow start-up
+# What TensorFlow prints when it looks for CUDA on a machine that has no NVIDIA driver at all.
+_NO_GPU_NOISE = re.compile(rb"failed call to cuInit|Could not find cuda drivers on your machine")
+
+
+def has_nvidia_driver() -> bool:
+    """True when an NVIDIA kernel driver is loaded (then a CUDA error is worth seeing)."""
+    return os.path.exists("/proc/driver/nvidia") or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def import_tensorflow_quietly(start: Callable[[], object] | None = None) -> None:
+    """Imports TensorFlow and finds its devices, without the CUDA-init error line on machines with no GPU.
+
+    On a machine without an NVIDIA driver, TensorFlow's CUDA build logs
+    ``failed call to cuInit: ... (303)`` at ERROR level, which
+    ``TF_CPP_MIN_LOG_LEVEL`` cannot hide without hiding every other error.
+    Here the process's standard error (file descriptor 2, where TensorFlow's
+    C++ logging writes) goes to a temporary file while TensorFlow starts;
+    afterwards everything it holds is written back except those lines. With a
+    driver present (a CUDA failure is then real) nothing is filtered.
+
+    Args:
+        start: what to run while capturing (default: import TensorFlow and list
+            its physical devices, which is when CUDA is initialised).
+    """
+    if start is None:
+        if "tensorflow" in sys.modules:
+            return
+
+        def start():
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+
+    if has_nvidia_driver():
+        start()
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                start()
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                captured.seek(0)
+                for line in captured.read().splitlines(keepends=True):
+                    if not _NO_GPU_NOISE.search(line):
+                        os.write(2, line)
+    finally:
+        os.close(saved)

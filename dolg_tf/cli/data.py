@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from dolg_tf.data.config import FORMATS
@@ -51,8 +52,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             "skipped_by_reason": source.skipped.by_reason(),
             "seconds": round(time.perf_counter() - t0, 2),  # including the pipeline's start-up
         }
+    print(json.dumps(summary))  # one JSON line first, like every other dolg command
     if args.json:
-        print(json.dumps(summary))
         return 0
     print(source.description)
     print(f"images per class: min {summary['images_per_class']['min']}, "
@@ -75,11 +76,11 @@ def _cmd_to_tfrecord(args: argparse.Namespace) -> int:
     from dolg_tf.data import open_source
 
     written = open_source(args.out, "tfrecord")
-    print(json.dumps({"out": args.out, "shards": len(shards), "num_examples": written.num_examples,
+    print(json.dumps({"out": os.path.abspath(args.out), "shards": len(shards), "num_examples": written.num_examples,
                       "num_classes": written.num_classes, "skipped": source.num_examples - written.num_examples,
                       "seconds": round(seconds, 2)}))
     print(f"wrote {written.num_examples} images of {written.num_classes} classes from {source.description} "
-          f"into {len(shards)} shards in {args.out} ({seconds:.1f} s)")
+          f"into {len(shards)} shards in {os.path.abspath(args.out)} ({seconds:.1f} s)")
     return 0
 
 
@@ -101,7 +102,7 @@ def register(sub) -> None:
     inspect.add_argument("--decode", type=int, default=0, metavar="N",
                          help="also decode the first N images and count the unreadable ones")
     inspect.add_argument("--image-size", type=int, default=224, help="crop size when decoding (default: 224)")
-    inspect.add_argument("--json", action="store_true", help="print one JSON line")
+    inspect.add_argument("--json", action="store_true", help="print only the JSON line (no human-readable lines)")
     inspect.set_defaults(func=_cmd_inspect)
 
     convert = actions.add_parser("to-tfrecord", help="write the data as sharded TFRecords (+ dolg_data.json)")

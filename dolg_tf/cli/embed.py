@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from dolg_tf.cli._common import add_client_arguments, positive_int
+from dolg_tf.cli._common import add_client_arguments, import_tensorflow_quietly, positive_int
 from dolg_tf.errors import DataError, InvalidImageError
 from dolg_tf.fileio import atomic_write
 
@@ -127,6 +127,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     ids_path = os.path.abspath(args.ids or args.out[: -len(".npy")] + ".ids.json")
     paths, ids, origins = _collect(args.inputs, args.root)
+    if args.saved_model:
+        import_tensorflow_quietly()
     options = dict(batch_size=args.batch_size, max_in_flight=args.max_in_flight, progress=not args.no_progress)
     client = client_from_args(args, saved_model=args.saved_model, **options)
     source = f"saved_model:{os.path.abspath(args.saved_model)}" if args.saved_model else f"{args.protocol}://{client.target}"

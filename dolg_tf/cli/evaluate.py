@@ -13,7 +13,14 @@ import json
 import os
 import time
 
-from dolg_tf.cli._common import add_client_arguments, non_negative_float, parse_kappas, parse_scales, positive_int
+from dolg_tf.cli._common import (
+    add_client_arguments,
+    import_tensorflow_quietly,
+    non_negative_float,
+    parse_kappas,
+    parse_scales,
+    positive_int,
+)
 from dolg_tf.cli.index import load_embeddings
 from dolg_tf.errors import DataError
 from dolg_tf.fileio import atomic_write, atomic_write_json
@@ -66,6 +73,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dolg_tf.evaluate import embed_revisited, load_revisited, revisited_map
 
     data = load_revisited(args.data, args.dataset)
+    if args.model or args.saved_model:
+        import_tensorflow_quietly()
     t0 = time.perf_counter()
     if args.embeddings:
         query_emb = load_embeddings(os.path.join(args.embeddings, "queries.npy"))

@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("absl", "tensorflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
+        from dolg_tf.cli._common import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
         return run(args)
     except DolgError as err:
         print(f"train: error: {err}", file=sys.stderr)

@@ -8,6 +8,7 @@ train) is written as ``config.json`` beside the checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -240,6 +241,15 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def _did_you_mean(name: str, known: Iterable[str], section: str | None = None) -> str:
+    """``"; did you mean lr?"`` for the closest known names (difflib), or ``""``."""
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    close = [f"{section}.{c}" if section else c for c in close]
+    return "; did you mean " + " or ".join(close) + "?"
+
+
 def split_overrides(
     pairs: Iterable[str], sections: Mapping[str, Iterable[str]]
 ) -> dict[str, dict[str, Any]]:
@@ -270,12 +280,18 @@ def split_overrides(
             if section not in fields:
                 raise ConfigError(f"--set {key}: unknown section {section!r}; expected one of {sorted(fields)}")
             if name not in fields[section]:
-                raise ConfigError(f"--set {key}: {section} has no field {name!r}; known: {sorted(fields[section])}")
+                raise ConfigError(
+                    f"--set {key}: {section} has no field {name!r}{_did_you_mean(name, fields[section], section)}"
+                    f"; its fields: {', '.join(sorted(fields[section]))}"
+                )
         else:
             owners = [section for section, names in fields.items() if key in names]
             if not owners:
-                known = sorted(f"{s}.{n}" for s, names in fields.items() for n in names)
-                raise ConfigError(f"--set {key}: no config field of that name; known fields are {known}")
+                every = {n for names in fields.values() for n in names}
+                raise ConfigError(
+                    f"--set {key}: no config field of that name{_did_you_mean(key, every)}"
+                    " (--help lists every field; section.field names one section's)"
+                )
             if len(owners) > 1:
                 raise ConfigError(f"--set {key}: ambiguous, it is a field of {owners}; write e.g. {owners[0]}.{key}")
             section, name = owners[0], key
