@@ -20,6 +20,7 @@ not depend on how many replicas share the global batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -170,6 +171,17 @@ def weights_digest(variables) -> str:
     for v in variables:
         digest.update(np.ascontiguousarray(np.asarray(v.numpy() if hasattr(v, "numpy") else v, np.float32)).tobytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _announce(what: str, chief: bool):
+    """Logs ``what...`` before a slow step at the end of training and its duration after it."""
+    if chief:
+        log.info("%s ...", what)
+    t0 = time.perf_counter()
+    yield
+    if chief:
+        log.info("%s: done in %.1f s", what, time.perf_counter() - t0)
 
 
 def demo_retrieval(model: keras.Model, image_size: int) -> dict[str, float]:
@@ -552,7 +564,11 @@ class Trainer:
                     if config.progress and self.chief:
                         print(f"Epoch {epoch + 1}/{config.epochs}", flush=True)
                         # A terminal gets a live bar; a log file one summary line per epoch.
-                        progbar = keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=["images/s", "lr"],
+                        # Every value is given as this process's epoch average so far (stateful), the
+                        # numbers the summary reports: Progbar's own averaging shows only the last step's
+                        # value on an epoch's final line.
+                        progbar = keras.utils.Progbar(self.steps_per_epoch,
+                                                      stateful_metrics=["loss", "acc", "images/s", "lr"],
                                                       verbose=1 if sys.stdout.isatty() else 2)
                     else:
                         progbar = False
@@ -573,7 +589,7 @@ class Trainer:
                 ips = timed_images / timed_seconds if timed_seconds else config.batch_size / dt
                 lr = self.current_lr()
                 if progbar:
-                    progbar.update(in_epoch + 1, [("loss", loss), ("acc", float(correct) / config.batch_size),
+                    progbar.update(in_epoch + 1, [("loss", float(np.mean(losses))), ("acc", correct_total / seen),
                                                   ("images/s", ips), ("lr", lr)])
                 if writer is not None and (step % config.log_every == 0 or step == stop_at):
                     scalars = {
@@ -595,14 +611,15 @@ class Trainer:
         seconds = time.perf_counter() - t_loop
         if step > start_step or last_path is None:
             if last_path is None or not last_path.endswith(f"-{step}"):
-                last_path = self.save()
+                with _announce(f"saving the checkpoint of step {step}", self.chief):
+                    last_path = self.save()
         if writer is not None:
             writer.flush()
         skipped = self._skipped_images()
         if skipped:
             log.warning("%s", self.source.skipped.summary())
         result = TrainResult(
-            model_dir=self.model_dir,
+            model_dir=os.path.abspath(self.model_dir),
             step=step,
             total_steps=self.total_steps,
             loss=float(np.mean(losses)) if losses else float("nan"),
@@ -611,7 +628,7 @@ class Trainer:
             replicas=self.replicas,
             learning_rate=self.current_lr(),
             before=before,
-            checkpoint=last_path if self.chief else None,
+            checkpoint=os.path.abspath(last_path) if self.chief and last_path else None,
             interrupted=interrupted,
             skipped_images=skipped,
             weights_sha256=weights_digest(self.model.weights + self.head.weights),
@@ -621,14 +638,19 @@ class Trainer:
             log.warning("interrupted by %s at step %d; checkpoint %s", interrupted, step, last_path)
             return result
         if evaluate:
-            result.after = demo_retrieval(self.model, config.image_size)
+            with _announce("held-out demo retrieval after training", self.chief):
+                result.after = demo_retrieval(self.model, config.image_size)
             log.info("held-out demo retrieval after training: mAP %.3f, recall@1 %.3f",
                      result.after["mAP"], result.after["recall@1"])
         if self.chief:
-            export_model = self.float32_model()
-            export_model.save(os.path.join(self.model_dir, MODEL_FILE))
+            model_file = os.path.abspath(os.path.join(self.model_dir, MODEL_FILE))
+            with _announce(f"saving the trained model to {model_file}", True):
+                export_model = self.float32_model()
+                export_model.save(model_file)
             if config.export and step >= self.total_steps:
-                result.export_dir = self._export(export_model)
+                where = os.path.abspath(self.config.export_dir)
+                with _announce(f"exporting a SavedModel under {where} (tracing and saving take a while)", True):
+                    result.export_dir = self._export(export_model)
             elif config.export:
                 log.info("not exporting: the run stopped at step %d of %d", step, self.total_steps)
         return result
@@ -655,5 +677,6 @@ class Trainer:
             image_size=self.config.image_size,
             extra_metadata={"training": {"model_dir": os.path.abspath(self.model_dir), "step": int(self.step.numpy())}},
         )
+        path = os.path.abspath(path)
         log.info("exported the trained model to %s", path)
         return path
