@@ -7,8 +7,10 @@ run in subprocesses; the rest run in-process on the tiny preset at 64x64.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -280,6 +282,34 @@ def test_resume_continues_step_lr_and_optimizer_slots(tmp_path):
         for event in tf.compat.v1.train.summary_iterator(str(event_file)):
             tags |= {v.tag for v in event.summary.value if v.metadata.plugin_data.plugin_name == "scalars"}
     assert {"loss", "accuracy", "learning_rate", "images_per_second", "skipped_images"} <= tags
+
+
+def test_progress_line_shows_the_epoch_average_the_summary_reports(tmp_path, capsys, caplog):
+    from dolg_tf.training.trainer import Trainer
+
+    caplog.set_level(logging.INFO, logger="dolg_tf.training")
+    config = _fast_config(tmp_path, "progress", epochs=1, steps_per_epoch=3, progress=True, log_every=1)
+    result = Trainer(config).fit()
+    line = [text for text in capsys.readouterr().out.splitlines() if "loss:" in text][-1]
+    shown_loss = float(re.search(r"loss: ([-+.e0-9]+)", line).group(1))
+    shown_acc = float(re.search(r"acc: ([-+.e0-9]+)", line).group(1))
+    # The reference: each step's loss and accuracy as TensorBoard recorded them, averaged here.
+    steps: dict[str, dict[int, float]] = {"loss": {}, "accuracy": {}}
+    for event_file in (tmp_path / "progress" / "logs" / "train").iterdir():
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for v in event.summary.value:
+                if v.tag in steps:
+                    steps[v.tag][event.step] = float(tf.make_ndarray(v.tensor))
+    assert sorted(steps["loss"]) == [1, 2, 3]
+    assert shown_loss == pytest.approx(np.mean(list(steps["loss"].values())), abs=1e-4)
+    assert result.loss == pytest.approx(np.mean(list(steps["loss"].values())), abs=1e-5)
+    assert shown_acc == pytest.approx(np.mean(list(steps["accuracy"].values())), abs=1e-4)
+    # The slow steps at the end say what they are doing, and report absolute paths.
+    messages = caplog.messages
+    model_file = str(tmp_path / "progress" / "dolg.keras")
+    assert f"saving the trained model to {model_file} ..." in messages
+    assert any(m.startswith(f"saving the trained model to {model_file}: done in ") for m in messages)
+    assert result.model_dir == str(tmp_path / "progress") and os.path.isabs(result.checkpoint)
 
 
 @pytest.mark.integration
