@@ -28,6 +28,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         k=args.k,
         echo=not args.quiet,
     )
+    result = dataclasses.replace(
+        result, **{name: os.path.abspath(getattr(result, name)) for name in ("export_dir", "results_json", "grid_png")}
+    )
     print(json.dumps(dataclasses.asdict(result)))
     m = result.metrics
     before = result.untrained_metrics
@@ -44,7 +47,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="end to end on the built-in photos: train, export, serve, embed, index, search")
+    p = sub.add_parser(
+        "demo", help="end to end on the built-in photos: train, export, serve, embed, index, search",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--workdir", default=os.path.join("runs", "demo"), help="where views, index, results go")
     p.add_argument("--export-base", default=os.path.join("saved_models", "dolg"), help="SavedModel base path")
     p.add_argument("--no-train", action="store_true", help="serve the latest export under --export-base instead")

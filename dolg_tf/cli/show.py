@@ -59,8 +59,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
         queries, hits, cell=args.cell, query_captions=[_class_of(r["query"]) or str(r["query"]) for r in results],
         title=args.title,
     )
-    save_png(grid, args.out)
-    print(json.dumps({"out": args.out, "queries": len(queries), "k": args.k, "size": list(grid.size)}))
+    out = os.path.abspath(args.out)
+    save_png(grid, out)
+    print(json.dumps({"out": out, "queries": len(queries), "k": args.k, "size": list(grid.size)}))
     return 0
 
 
