@@ -454,6 +454,43 @@ def test_cli_evaluate_with_saved_embeddings(tmp_path, capsys):
     assert "3 database embeddings" in capsys.readouterr().err
 
 
+def test_cli_evaluate_a_dataset_of_your_own_with_a_json_ground_truth(tmp_path, capsys):
+    # The README's JSON schema, images named with their own suffix (PNG here).
+    folder = tmp_path / "shops" / "jpg"
+    folder.mkdir(parents=True)
+    colours = {"red": (220, 20, 20), "green": (20, 220, 20), "blue": (20, 20, 220)}
+    for name, colour in colours.items():
+        for k in range(2):
+            Image.fromarray(np.full((30 + k, 40, 3), colour, np.uint8)).save(folder / f"{name}{k}.png")
+    im = np.full((40, 40, 3), 127, np.uint8)
+    im[5:25, 10:30] = colours["green"]
+    Image.fromarray(im).save(folder / "query.png")
+    gnd = {
+        "imlist": [f"{name}{k}.png" for name in colours for k in range(2)],
+        "qimlist": ["query.png"],
+        "gnd": [{"bbx": [10, 5, 30, 25], "easy": [2], "hard": [3], "junk": [0]}],
+    }
+    (tmp_path / "shops" / "gnd_shops.json").write_text(json.dumps(gnd))
+    out = evaluate_revisited(tmp_path, "shops", mean_colour)
+    assert out["dataset"] == "shops" and out["num_images"] == 6
+    assert out["medium"]["mAP"] == 1.0 and out["hard"]["mAP"] == 1.0  # both green images first
+    save = tmp_path / "emb"
+    data = load_revisited(tmp_path, "shops")
+    from dolg_tf.evaluate import embed_revisited
+
+    q, db = embed_revisited(data, mean_colour)
+    save.mkdir()
+    np.save(save / "queries.npy", q)
+    np.save(save / "db.npy", db)
+    argv = ["evaluate", "--data", str(tmp_path), "--dataset", "shops", "--embeddings", str(save)]
+    assert dolg_main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert summary["dataset"] == "shops" and summary["medium"]["mAP"] == 1.0
+    assert dolg_main(["evaluate", "--data", str(tmp_path), "--dataset", "nowhere", "--embeddings", str(save)]) == 2
+    err = capsys.readouterr().err
+    assert "no ground truth for dataset 'nowhere'" in err and str(tmp_path / "nowhere" / "gnd_nowhere.json") in err
+
+
 def test_cli_evaluate_in_process_keras_model(tmp_path):
     from dolg_tf.model import build_dolg
 
