@@ -234,10 +234,14 @@ def test_model_handler_refuses_one_image_not_its_batch(export, photos, reference
 def test_bad_options_are_refused_before_running(tmp_path, export, gallery, capsys):
     with pytest.raises(ConfigError, match="--no_such_beam_flag"):
         embed_batch([gallery], export[0], str(tmp_path / "o1"), beam_args=["--no_such_beam_flag=1"])
+    with pytest.raises(ConfigError, match="NoSuchRunner"):
+        embed_batch([gallery], export[0], str(tmp_path / "o0"), runner="NoSuchRunner")
     with pytest.raises(ConfigError, match="batch-size"):
         embed_batch([gallery], export[0], str(tmp_path / "o2"), batch_size=9)  # over max_batch_size 8
     with pytest.raises(DataError, match="no such file"):
         embed_batch([str(tmp_path / "absent")], export[0], str(tmp_path / "o3"))
+    with pytest.raises(DataError, match="no file matches"):
+        embed_batch([os.path.join(gallery, "*.nothing")], export[0], str(tmp_path / "o3"))
     assert cli.main(["embed-batch", gallery, "--saved-model", str(tmp_path), "--out", str(tmp_path / "o4")]) == 2
     assert "saved_model.pb" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # other commands still refuse unknown flags

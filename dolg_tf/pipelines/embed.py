@@ -71,9 +71,9 @@ def pipeline_options(runner: str, beam_args: Sequence[str]) -> PipelineOptions:
     unknown = sorted(set(everything) - set(known))
     if unknown:
         raise ConfigError(
-            f"unknown Beam pipeline option(s) {', '.join('--' + u for u in unknown)}; "
-            "see `python -m apache_beam.options.pipeline_options --help`-style docs for your runner "
-            "(pass them as --name=value)"
+            f"unknown Beam pipeline option(s) {', '.join('--' + u for u in unknown)}: not an option of "
+            "dolg embed-batch nor of any Beam PipelineOptions class (apache_beam.options.pipeline_options); "
+            "check the spelling, and write Beam options as --name=value"
         )
     return options
 
@@ -189,6 +189,10 @@ def embed_batch(
         ConfigError: a bad batch size / shard size, or an unknown Beam flag.
     """
     options = pipeline_options(runner, beam_args)
+    try:
+        pipeline = beam.Pipeline(options=options)
+    except ValueError as err:  # Beam's answer to an unknown runner name
+        raise ConfigError(f"--runner {runner!r}: {err}") from None
     info = describe_export(saved_model, model_name)
     if batch_size is None:
         batch_size = info.max_batch_size
@@ -213,10 +217,12 @@ def embed_batch(
         "batch_size": batch_size,
     }
     t0 = time.perf_counter()
-    pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, specs, info, out, batch_size=batch_size, rows_per_shard=rows_per_shard, facts=facts)
-    result = pipeline.run()
-    state = result.wait_until_finish()
+    try:
+        state = pipeline.run().wait_until_finish()
+    except Exception as err:  # a worker's exception, re-raised by the runner with Beam's context
+        log.debug("the Beam pipeline failed", exc_info=True)
+        raise DataError(f"the Beam pipeline failed: {str(err).strip().splitlines()[-1][:2000]}") from err
     seconds = time.perf_counter() - t0
     if state != beam.runners.runner.PipelineState.DONE:
         raise DataError(f"the Beam pipeline ended in state {state}")

@@ -59,7 +59,8 @@ def classify_inputs(inputs: list[str]) -> list[InputSpec]:
     a folder (local, or a remote path ending in ``/``) -> every image below it, else a glob.
 
     Raises:
-        DataError: no input, or a local input without wildcards that does not exist.
+        DataError: no input, a local input without wildcards that does not exist, or a
+            folder / glob / TFRecord pattern that matches no file.
     """
     import os
 
@@ -82,7 +83,17 @@ def classify_inputs(inputs: list[str]) -> list[InputSpec]:
             specs.append(InputSpec("folder", _join(folder, "**"), base=folder, id_prefix=prefix))
         else:
             specs.append(InputSpec("glob", arg))
+    for spec in specs:
+        if spec.kind != "csv" and not _matches_something(spec.pattern):
+            raise DataError(f"no file matches {spec.pattern!r}")
     return specs
+
+
+def _matches_something(pattern: str) -> bool:
+    try:
+        return bool(FileSystems.match([pattern], [1])[0].metadata_list)
+    except Exception as err:  # BeamIOError from any file system: treat as "nothing there", with the reason
+        raise DataError(f"cannot list {pattern!r}: {err}") from None
 
 
 def csv_has_header(path: str) -> bool:
@@ -301,7 +312,7 @@ def read_inputs(pipeline: beam.Pipeline, specs: list[InputSpec], max_bytes: int)
             matched = (
                 pipeline
                 | f"{label}Pattern" >> beam.Create([spec.pattern])
-                | f"{label}Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.DISALLOW)
+                | f"{label}Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)  # checked before
             )
             fn = FolderRefs(spec) if spec.kind == "folder" else GlobRefs()
             refs.append(matched | f"{label}Refs" >> beam.ParDo(fn))
