@@ -1,4 +1,4 @@
-"""Nearest-neighbour search at scale: faiss flat vs numpy brute force, IVF and HNSW speed, recall@k, memory.
+"""Nearest-neighbour search at scale: exact (numpy, faiss flat), IVF, HNSW and compressed IVF-PQ in one run.
 
 Synthetic unit-norm vectors (default 1,000,000 x 512, like DOLG descriptors):
 ``--data clustered`` (default) draws each vector around one of N/100 random
@@ -7,13 +7,21 @@ centres, so each query has a neighbourhood to find, as landmark photos do;
 approximate search, with no structure at all). Queries are fresh draws of the
 same process. The exact top-k comes from the numpy brute force (chunked
 matmul + argpartition), which is also timed against ``Index(kind="flat")``,
-interleaved, after a warm-up, median of ``--repeats``. IVF and HNSW (through
-:class:`dolg_tf.index.Index`) are built once and searched at several
-nprobe / efSearch values. Memory: the process RSS growth while building each
-index, and its serialised size. Prints one JSON line and human lines.
+interleaved, after a warm-up, median of ``--repeats``.
 
-    python benchmarks/index.py                       # 1M x 512 (minutes on 2 cores)
-    python benchmarks/index.py --n 100000 --out bench_index.json
+Each approximate setting (IVF nprobe, HNSW efSearch, IVF-PQ nprobe x rerank)
+is timed after a warm-up, ``--repeats`` times, each run followed by one exact
+search with the flat index, so its speed-up over exact search is a ratio of
+medians measured interleaved. Per kind: build time, bytes per vector held in
+RAM (:meth:`dolg_tf.index.Index.memory_bytes`, faiss' structures + ids, plus
+the full vectors unless memory-mapped), RSS growth while building, and
+recall@k against the exact top-k. The compressed kind is saved, then loaded
+with ``mmap=True``: its full vectors (used only to re-rank) stay in the file,
+and the file's size per vector is reported as disk bytes per vector.
+Prints one JSON line and human lines.
+
+    python benchmarks/index.py                                  # 1M x 512 (the better part of an hour on 2 cores)
+    python benchmarks/index.py --n 100000 --queries 200 --out bench_index.json
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 
@@ -33,6 +42,17 @@ def _rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _unit_rows(x):
@@ -75,6 +95,10 @@ def recall_at(found, exact) -> float:
     return float(np.mean(hits) / k)
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="database vectors (default: 1,000,000)")
@@ -82,13 +106,19 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--data", choices=("clustered", "uniform"), default="clustered")
-    parser.add_argument("--kinds", default="flat,ivf,hnsw")
-    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: the Index rule, 4*sqrt(n))")
+    parser.add_argument("--kinds", default="flat,ivf,hnsw,ivfpq")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF / IVF-PQ lists (default: the Index rule, 4*sqrt(n))")
     parser.add_argument("--train-size", type=int, default=None, help="IVF training sample (default: min(n, 64*nlist))")
-    parser.add_argument("--nprobe", default="8,32,128")
+    parser.add_argument("--nprobe", default="16,32,64", help="IVF nprobe values")
     parser.add_argument("--m", type=int, default=32, help="HNSW M")
-    parser.add_argument("--ef-construction", type=int, default=80)
-    parser.add_argument("--ef-search", default="64,128,256")
+    parser.add_argument("--ef-construction", type=int, default=40)
+    parser.add_argument("--ef-search", default="128,512")
+    parser.add_argument("--pq-m", type=int, default=128, help="IVF-PQ 4-bit sub-quantisers (pq_m / 2 bytes per code)")
+    parser.add_argument("--factory", default=None, help="IVF-PQ faiss factory string (default: IVF{nlist},PQ{pq_m}x4fs)")
+    parser.add_argument("--pq-nprobe", default="16,64", help="IVF-PQ nprobe values")
+    parser.add_argument("--rerank", default="1,4", help="IVF-PQ rerank factors (k * rerank candidates re-scored exactly)")
+    parser.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads (default: faiss' own)")
+    parser.add_argument("--tmpdir", default=None, help="where the IVF-PQ file is written (default: the system's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -99,6 +129,8 @@ def main() -> None:
 
     from dolg_tf.index import Index, brute_force_search
 
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
     kinds = args.kinds.split(",")
     t0 = time.perf_counter()
     db, queries = make_data(args.n, args.dim, args.queries, args.data, args.seed)
@@ -109,7 +141,7 @@ def main() -> None:
         "queries": args.queries,
         "k": args.k,
         "data": args.data,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "faiss": faiss.__version__,
         "faiss_threads": faiss.omp_get_max_threads(),
@@ -117,6 +149,7 @@ def main() -> None:
         "data_s": round(time.perf_counter() - t0, 1),
         "database_bytes": int(db.nbytes),
     }
+    n, q, k = args.n, args.queries, args.k
 
     def timed(fn):
         t = time.perf_counter()
@@ -124,75 +157,99 @@ def main() -> None:
         return time.perf_counter() - t, out
 
     # --- exact: numpy brute force vs faiss flat, interleaved after a warm-up
-    first_numpy_s, (_, exact) = timed(lambda: brute_force_search(queries, db, args.k))
+    first_numpy_s, (_, exact) = timed(lambda: brute_force_search(queries, db, k))
     flat = None
     if "flat" in kinds:
         rss = _rss_bytes()
         build_s, flat = timed(lambda: _build(Index(args.dim, "flat", normalize=False), db))
         flat_rss = _rss_bytes() - rss
-        flat.search(queries, args.k)  # warm-up
+        flat.search(queries, k)  # warm-up
     # Without flat there is nothing to interleave with: the ground-truth pass is the numpy figure.
     numpy_times, flat_times = ([], []) if flat is not None else ([first_numpy_s], [])
     for _ in range(args.repeats if flat is not None else 0):
-        numpy_times.append(timed(lambda: brute_force_search(queries, db, args.k))[0])
-        s, (_, ids) = timed(lambda: flat.search(queries, args.k))
+        numpy_times.append(timed(lambda: brute_force_search(queries, db, k))[0])
+        s, (_, ids) = timed(lambda: flat.search(queries, k))
         flat_times.append(s)
     result["numpy_bruteforce"] = {"search_s": round(statistics.median(numpy_times), 3), "runs": len(numpy_times)}
     if flat is not None:
+        med = statistics.median(flat_times)
         result["flat"] = {
             "build_s": round(build_s, 2),
-            "search_s": round(statistics.median(flat_times), 3),
-            "speedup_vs_numpy": round(statistics.median(numpy_times) / statistics.median(flat_times), 2),
-            f"recall@{args.k}": recall_at(ids, exact),
+            "search_s": round(med, 3),
+            "queries_per_s": round(q / med, 1),
+            "speedup_vs_numpy": round(statistics.median(numpy_times) / med, 2),
+            f"recall@{k}": recall_at(ids, exact),
+            "bytes_per_vector": round(flat.memory_bytes() / n, 1),
             "rss_growth_bytes": int(flat_rss),
-            "index_bytes": int(faiss.serialize_index(flat._faiss).nbytes),
         }
-        del flat
-        gc.collect()
 
-    # --- approximate kinds
-    for kind in [k for k in kinds if k in ("ivf", "hnsw")]:
+    # --- approximate kinds, each setting interleaved with exact (flat) searches
+    tmpdir = tempfile.mkdtemp(prefix="dolg-bench-index-", dir=args.tmpdir)
+    for kind in [kd for kd in kinds if kd in ("ivf", "hnsw", "ivfpq")]:
         rss = _rss_bytes()
         entry: dict = {}
-        if kind == "ivf":
-            nlist = args.nlist or int(min(max(1, round(4 * np.sqrt(args.n))), max(1, args.n // 39)))
-            index = Index(args.dim, kind, nlist=nlist, normalize=False)
-            train_n = min(args.n, args.train_size or 64 * nlist)
-            sample = db[np.random.default_rng(1).choice(args.n, train_n, replace=False)]
+        if kind in ("ivf", "ivfpq"):
+            nlist = args.nlist or int(min(max(1, round(4 * np.sqrt(n))), max(1, n // 39)))
+            extra = {"pq_m": args.pq_m, "factory": args.factory} if kind == "ivfpq" else {}
+            index = Index(args.dim, kind, nlist=nlist, normalize=False, **extra)
+            nlist = index.nlist
+            train_n = min(n, args.train_size or 64 * nlist)
+            sample = db[np.random.default_rng(1).choice(n, train_n, replace=False)]
             train_s, _ = timed(lambda: index.train(sample))
             del sample
             entry.update(nlist=nlist, train_vectors=train_n, train_s=round(train_s, 2))
-            knobs, setter = [int(v) for v in args.nprobe.split(",")], "nprobe"
+            if kind == "ivfpq":
+                entry.update(factory=args.factory or f"IVF{nlist},PQ{args.pq_m}x4fs")
+                settings = [{"nprobe": p, "rerank": r} for p in _ints(args.pq_nprobe) for r in _ints(args.rerank)]
+            else:
+                settings = [{"nprobe": p} for p in _ints(args.nprobe)]
         else:
             index = Index(args.dim, kind, m=args.m, ef_construction=args.ef_construction, normalize=False)
             entry.update(m=args.m, ef_construction=args.ef_construction)
-            knobs, setter = [int(v) for v in args.ef_search.split(",")], "ef_search"
+            settings = [{"ef_search": e} for e in _ints(args.ef_search)]
         add_s, _ = timed(lambda: index.add(db))
         entry["add_s"] = round(add_s, 2)
         entry["build_s"] = round(add_s + entry.get("train_s", 0.0), 2)
         entry["rss_growth_bytes"] = int(_rss_bytes() - rss)
-        entry["index_bytes"] = int(faiss.serialize_index(index._faiss).nbytes)
-        sweeps = []
-        for value in knobs:
-            setattr(index, setter, value)
-            index.search(queries, args.k)  # warm-up
-            times, ids = [], None
-            for _ in range(args.repeats):
-                s, (_, ids) = timed(lambda: index.search(queries, args.k))
-                times.append(s)
-            med = statistics.median(times)
-            sweeps.append(
-                {
-                    setter: value,
-                    "search_s": round(med, 4),
-                    "queries_per_s": round(args.queries / med, 1),
-                    f"recall@{args.k}": round(recall_at(ids, exact), 4),
-                }
+        if kind == "ivfpq":
+            path = os.path.join(tmpdir, "ivfpq.dolgidx")
+            save_s, _ = timed(lambda: index.save(path))
+            del index
+            gc.collect()
+            rss = _rss_bytes()
+            load_s, index = timed(lambda: Index.load(path, mmap=True))
+            entry.update(
+                save_s=round(save_s, 2),
+                load_mmap_s=round(load_s, 2),
+                rss_growth_after_mmap_load_bytes=int(_rss_bytes() - rss),
+                disk_bytes_per_vector=round(os.path.getsize(path) / n, 1),
             )
+        entry["bytes_per_vector"] = round(index.memory_bytes() / n, 1)
+        sweeps = []
+        for setting in settings:
+            for name, value in setting.items():
+                setattr(index, name, value)
+            index.search(queries, k)  # warm-up
+            times, exact_times, ids = [], [], None
+            for _ in range(args.repeats):
+                s, (_, ids) = timed(lambda: index.search(queries, k))
+                times.append(s)
+                if flat is not None:
+                    exact_times.append(timed(lambda: flat.search(queries, k))[0])
+            med = statistics.median(times)
+            row = {**setting, "search_s": round(med, 4), "queries_per_s": round(q / med, 1)}
+            if exact_times:
+                row["speedup_vs_flat"] = round(statistics.median(exact_times) / med, 2)
+            row[f"recall@{k}"] = round(recall_at(ids, exact), 4)
+            sweeps.append(row)
+            print(json.dumps({"kind": kind, **row}), flush=True)
         entry["search"] = sweeps
         result[kind] = entry
         del index
         gc.collect()
+    for name in os.listdir(tmpdir):
+        os.remove(os.path.join(tmpdir, name))
+    os.rmdir(tmpdir)
 
     result["total_s"] = round(time.perf_counter() - t0, 1)
     line = json.dumps(result)
@@ -200,23 +257,25 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(line + "\n")
-    q, k = args.queries, args.k
-    print(f"{args.n} x {args.dim} {args.data}, {q} queries, top-{k}, {result['faiss_threads']} threads:")
+    print(f"{n} x {args.dim} {args.data}, {q} queries, top-{k}, {result['faiss_threads']} threads, {result['cpu']}:")
     nb = result["numpy_bruteforce"]["search_s"]
     print(f"  numpy brute force: {nb:.2f} s ({q / nb:.0f} q/s)")
     if "flat" in result:
         f = result["flat"]
-        print(f"  faiss flat: {f['search_s']:.2f} s ({q / f['search_s']:.0f} q/s, {f['speedup_vs_numpy']}x numpy), "
-              f"recall {f[f'recall@{k}']:.4f}, {f['index_bytes'] / 2**20:.0f} MiB")
-    for kind in ("ivf", "hnsw"):
+        print(f"  faiss flat: {f['search_s']:.2f} s ({f['queries_per_s']:.0f} q/s, {f['speedup_vs_numpy']}x numpy), "
+              f"recall {f[f'recall@{k}']:.4f}, {f['bytes_per_vector']:.0f} B/vector")
+    for kind in ("ivf", "hnsw", "ivfpq"):
         if kind in result:
             e = result[kind]
             sweep = "; ".join(
-                f"{'nprobe' if kind == 'ivf' else 'efSearch'} {s.get('nprobe', s.get('ef_search'))}: "
-                f"{s['queries_per_s']:.0f} q/s, recall {s[f'recall@{k}']:.3f}"
+                ", ".join(f"{key} {s[key]}" for key in ("nprobe", "ef_search", "rerank") if key in s)
+                + f": {s['queries_per_s']:.0f} q/s"
+                + (f" ({s['speedup_vs_flat']}x flat)" if "speedup_vs_flat" in s else "")
+                + f", recall {s[f'recall@{k}']:.3f}"
                 for s in e["search"]
             )
-            print(f"  {kind}: build {e['build_s']:.1f} s, {e['index_bytes'] / 2**20:.0f} MiB; {sweep}")
+            disk = f", {e['disk_bytes_per_vector']:.0f} B/vector on disk" if "disk_bytes_per_vector" in e else ""
+            print(f"  {kind}: build {e['build_s']:.1f} s, {e['bytes_per_vector']:.0f} B/vector in RAM{disk}; {sweep}")
 
 
 def _build(index, db):

@@ -4,12 +4,20 @@ Pure numpy + faiss: importing this module never imports TensorFlow, Keras or
 :mod:`dolg_tf.model`, so a search service stays light.
 
 Similarity is the inner product of L2-normalised vectors (cosine similarity),
-the metric DOLG descriptors are trained for. Three kinds of index:
+the metric DOLG descriptors are trained for. Four kinds of index:
 
 - ``"flat"``: exact search (``faiss.IndexFlatIP``).
 - ``"ivf"``: inverted lists over spherical k-means centroids
   (``faiss.IndexIVFFlat``); needs training, see :meth:`Index.train`.
 - ``"hnsw"``: a navigable small-world graph (``faiss.IndexHNSWFlat``); no training.
+- ``"ivfpq"``: compressed. Product-quantised codes in inverted lists (any
+  IVF faiss factory string; the default ``"IVF{nlist},PQ{pq_m}x4fs"`` packs
+  ``pq_m`` 4-bit codes per vector, searched with faiss' SIMD fast scan) find
+  ``k * rerank`` candidates, which are then re-scored exactly against the
+  full vectors. Those are kept in the file and can stay on disk,
+  memory-mapped (``Index.load(path, mmap=True)``): in RAM a vector costs its
+  ``pq_m / 2``-byte code plus its ids, which is how a 100M x 512 gallery fits
+  one machine.
 
 An :class:`Index` maps faiss' sequential positions to user ids (non-negative
 integers or non-empty strings, unique) and is saved as one file (see
@@ -32,58 +40,23 @@ import faiss
 import numpy as np
 
 from dolg_tf.errors import ConfigError, DataError, IndexFileError, InputShapeError
-from dolg_tf.fileio import atomic_write, atomic_write_json
+from dolg_tf.fileio import atomic_write
+from dolg_tf.index.base import _as_matrix, _check_ids, _positive_int, l2_normalize_rows
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("flat", "ivf", "hnsw")
-FORMAT_VERSION = 1
+KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+FORMAT_VERSION = 2  # 2 added the exact-vector section (empty except for "ivfpq"); 1 is still read
+_READABLE_VERSIONS = (1, 2)
 _MAGIC = b"DOLGIDX\x00"
 _DIGEST = 32  # sha256
 _PREFIX = struct.Struct("<8sQ")  # magic, header length
+_MAX_HEADER = 1 << 20  # the JSON header holds options and sizes only (ids have their own section)
+_READ_BLOCK = 1 << 24  # bytes per read while hashing or copying a section
 # Below ~39 training points per centroid faiss' k-means gives poor centroids (it warns).
 _MIN_POINTS_PER_CENTROID = 39
 _CHUNK = 16384  # rows per block when searching the database against itself (DBA)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    """``value`` as an int, or ConfigError if it is not a positive integer (bools refused)."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _as_matrix(x: Any, dim: int | None, what: str) -> np.ndarray:
-    """float32 C-contiguous ``(N, dim)`` copy-if-needed of ``x``; checks shape and finiteness."""
-    try:
-        arr = np.asarray(x, dtype=np.float32)
-    except (TypeError, ValueError) as err:
-        raise InputShapeError(f"{what} must be a numeric (N, D) array: {err}") from err
-    if arr.ndim != 2:
-        raise InputShapeError(f"{what} must be a 2-D (N, D) array, got shape {arr.shape}")
-    if dim is not None and arr.shape[1] != dim:
-        raise InputShapeError(f"{what} must have {dim} columns (the index dimension), got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
-        raise DataError(f"{what} contain NaN or infinite values (first in row {bad})")
-    return np.ascontiguousarray(arr)
-
-
-def l2_normalize_rows(x: np.ndarray, what: str = "vectors") -> np.ndarray:
-    """Rows of ``x`` divided by their L2 norm (float32); a zero row is an error.
-
-    Args:
-        x: ``(N, D)`` array.
-        what: name used in the error message.
-
-    Returns:
-        float32 ``(N, D)`` array of unit rows.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise DataError(f"{what}: row {int(np.flatnonzero(norms[:, 0] == 0)[0])} has zero norm")
-    return np.ascontiguousarray(x / norms)
+_RERANK_BYTES = 1 << 25  # candidate vectors gathered at once while re-ranking (32 MiB)
 
 
 def _expand(base: np.ndarray, neighbours: np.ndarray, scores: np.ndarray, alpha: float) -> np.ndarray:
@@ -167,57 +140,41 @@ def database_side_augmentation(
     return out
 
 
-def _check_ids(ids: Any, n: int) -> np.ndarray:
-    """ids as an int64 (non-negative) or str numpy array of length ``n``, unique."""
-    if isinstance(ids, (str, bytes)):
-        raise DataError("ids must be a sequence of ids, not a single string")
-    if not isinstance(ids, np.ndarray):
-        ids = list(ids)
-        # numpy would silently turn [1, "a"] into strings: check the Python types first.
-        all_str = all(isinstance(i, str) for i in ids)
-        all_int = all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids)
-        if not (all_str or all_int):
-            raise DataError("ids must be all integers or all strings")
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or arr.shape[0] != n:
-        raise InputShapeError(f"need one id per vector: {n} vectors but ids of shape {arr.shape}")
-    if n == 0:
-        return arr.astype(np.int64)
-    if arr.dtype.kind in "iu":
-        if (arr < 0).any():
-            raise DataError(f"integer ids must be >= 0 (-1 marks 'no result'), got {int(arr.min())}")
-        arr = arr.astype(np.int64)
-    elif arr.dtype.kind == "U":
-        if (np.char.str_len(arr) == 0).any():
-            raise DataError("string ids must be non-empty ('' marks 'no result')")
-    else:
-        raise DataError(f"ids must be all integers or all strings, got numpy dtype {arr.dtype}")
-    uniq, counts = np.unique(arr, return_counts=True)
-    if (counts > 1).any():
-        raise DataError(f"duplicate id {uniq[counts > 1][0].item()!r} ({int(counts.max())} times)")
-    return arr
-
 
 class Index:
     """A faiss index of L2-normalised embeddings with user ids, save/load and re-ranking.
 
     Args:
         dim: embedding dimension (512 for DOLG).
-        kind: ``"flat"`` (exact), ``"ivf"`` or ``"hnsw"`` (approximate).
-        nlist: IVF: number of inverted lists. ``None`` picks, at training time,
-            ``round(4 * sqrt(n_train))`` clipped to ``[1, n_train // 39]``.
-        nprobe: IVF: lists visited per query (speed/recall trade-off; settable later).
+        kind: ``"flat"`` (exact), ``"ivf"``, ``"hnsw"`` (approximate) or
+            ``"ivfpq"`` (compressed, re-ranked exactly).
+        nlist: IVF / IVF-PQ: number of inverted lists. ``None`` picks, at
+            training time, ``round(4 * sqrt(n_train))`` clipped to
+            ``[1, n_train // 39]``.
+        nprobe: IVF / IVF-PQ: lists visited per query (speed/recall trade-off;
+            settable later).
         m: HNSW: graph degree (faiss' ``M``).
         ef_construction: HNSW: candidate-list size while building.
         ef_search: HNSW: candidate-list size while searching (settable later).
         normalize: L2-normalise vectors on :meth:`add` and :meth:`search`
             (default). DOLG embeddings are already unit-norm; turning this off
             keeps raw inner products.
+        pq_m: IVF-PQ: sub-quantisers of 4 bits each (the code takes
+            ``pq_m / 2`` bytes); must divide ``dim``. Ignored when ``factory``
+            is given.
+        factory: IVF-PQ: a faiss ``index_factory`` string describing an IVF
+            index, e.g. ``"OPQ64,IVF65536,PQ64np"`` (8-bit codes; ``np`` skips
+            polysemous training, which takes minutes and only serves Hamming
+            filtering). ``None`` builds ``"IVF{nlist},PQ{pq_m}x4fs"``.
+        rerank: IVF-PQ: the compressed search returns ``k * rerank``
+            candidates, re-scored exactly with the stored full vectors
+            (settable later; 1 turns re-ranking off).
 
-    Training: ``"ivf"`` must learn its centroids. Call :meth:`train` with a
-    representative sample, or let the first :meth:`add` train on the vectors
-    it is given (it needs at least ``nlist`` of them; fewer than ``39 * nlist``
-    is logged as a warning). Later additions reuse those centroids.
+    Training: ``"ivf"`` and ``"ivfpq"`` must learn their centroids (and
+    codebooks). Call :meth:`train` with a representative sample, or let the
+    first :meth:`add` train on the vectors it is given (it needs at least
+    ``nlist`` of them, and 16 for 4-bit PQ codebooks; fewer than
+    ``39 * nlist`` is logged as a warning). Later additions reuse them.
 
     Example:
 
@@ -225,6 +182,7 @@ class Index:
     >>> index.add(gallery_embeddings, ids=["a.jpg", "b.jpg", ...])
     >>> scores, ids = index.search(query_embeddings, k=10)
     >>> index.save("gallery.dolgidx"); index = Index.load("gallery.dolgidx")
+    >>> big = Index.load("big.dolgidx", mmap=True)  # "ivfpq": full vectors stay on disk
     """
 
     def __init__(
@@ -238,11 +196,21 @@ class Index:
         ef_construction: int = 100,
         ef_search: int = 128,
         normalize: bool = True,
+        pq_m: int = 128,
+        factory: str | None = None,
+        rerank: int = 4,
     ):
         _positive_int("dim", dim)
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
-        for name, value in (("nprobe", nprobe), ("m", m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
+        for name, value in (
+            ("nprobe", nprobe),
+            ("m", m),
+            ("ef_construction", ef_construction),
+            ("ef_search", ef_search),
+            ("pq_m", pq_m),
+            ("rerank", rerank),
+        ):
             _positive_int(name, value)
         if nlist is not None:
             _positive_int("nlist", nlist)
@@ -254,7 +222,12 @@ class Index:
         self._m = int(m)
         self._ef_construction = int(ef_construction)
         self._ef_search = int(ef_search)
+        self._pq_m = int(pq_m)
+        self._factory = factory
+        self._rerank = int(rerank)
         self._ids = np.zeros(0, np.int64)
+        # "ivfpq": the exact vectors, in RAM or memory-mapped from the file (np.memmap).
+        self._vectors: np.ndarray = np.zeros((0, self.dim), np.float32)
         self._faiss: faiss.Index | None = None
         if kind == "flat":
             self._faiss = faiss.IndexFlatIP(self.dim)
@@ -262,7 +235,31 @@ class Index:
             self._faiss = faiss.IndexHNSWFlat(self.dim, self._m, faiss.METRIC_INNER_PRODUCT)
             self._faiss.hnsw.efConstruction = self._ef_construction
             self._faiss.hnsw.efSearch = self._ef_search
-        # "ivf": created by train(), once nlist is known.
+        elif kind == "ivfpq":
+            if factory is not None:
+                self._faiss = self._from_factory(factory)
+                self._nlist = int(faiss.extract_index_ivf(self._faiss).nlist)
+            elif self.dim % self._pq_m:
+                raise ConfigError(f"pq_m={self._pq_m} must divide the dimension {self.dim}")
+        # "ivf" (and "ivfpq" without a factory string): created by train(), once nlist is known.
+
+    def _from_factory(self, factory: Any) -> faiss.Index:
+        """The (untrained) faiss index a factory string describes; ConfigError unless it is an IVF index."""
+        if not isinstance(factory, str) or not factory:
+            raise ConfigError(f"factory must be a faiss index_factory string, got {factory!r}")
+        try:
+            index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[-1] if str(err).strip() else "rejected"
+            raise ConfigError(f"faiss cannot build {factory!r} for dimension {self.dim}: {first}") from err
+        try:
+            faiss.extract_index_ivf(index)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"factory {factory!r} is not an IVF index: the compressed kind needs inverted lists, "
+                "e.g. 'IVF4096,PQ64' or 'OPQ64,IVF65536,PQ64'"
+            ) from err
+        return index
 
     # ------------------------------------------------------------------ properties
     @property
@@ -275,7 +272,7 @@ class Index:
 
     @property
     def is_trained(self) -> bool:
-        """False only for an ``"ivf"`` index before :meth:`train` (or the first :meth:`add`)."""
+        """False only for an ``"ivf"`` / ``"ivfpq"`` index before :meth:`train` (or the first :meth:`add`)."""
         return self._faiss is not None and bool(self._faiss.is_trained)
 
     @property
@@ -297,8 +294,8 @@ class Index:
     @nprobe.setter
     def nprobe(self, value: int) -> None:
         self._nprobe = _positive_int("nprobe", value)
-        if self.kind == "ivf" and self._faiss is not None:
-            self._faiss.nprobe = self._nprobe
+        if self.kind in ("ivf", "ivfpq") and self._faiss is not None:
+            faiss.extract_index_ivf(self._faiss).nprobe = self._nprobe
 
     @property
     def ef_search(self) -> int:
@@ -309,6 +306,20 @@ class Index:
         self._ef_search = _positive_int("ef_search", value)
         if self.kind == "hnsw":
             self._faiss.hnsw.efSearch = self._ef_search
+
+    @property
+    def rerank(self) -> int:
+        """IVF-PQ: candidates per result re-scored exactly (``k * rerank`` per query)."""
+        return self._rerank
+
+    @rerank.setter
+    def rerank(self, value: int) -> None:
+        self._rerank = _positive_int("rerank", value)
+
+    @property
+    def is_memory_mapped(self) -> bool:
+        """True when the exact vectors of an ``"ivfpq"`` index are read from the file on demand."""
+        return isinstance(self._vectors, np.memmap)
 
     def options(self) -> dict[str, Any]:
         """The constructor arguments (``Index(**index.options())`` makes an empty twin)."""
@@ -321,7 +332,21 @@ class Index:
             "ef_construction": self._ef_construction,
             "ef_search": self._ef_search,
             "normalize": self.normalize,
+            "pq_m": self._pq_m,
+            "factory": self._factory,
+            "rerank": self._rerank,
         }
+
+    def memory_bytes(self) -> int:
+        """Bytes this index holds in RAM: faiss' structures, the ids, and the exact vectors unless memory-mapped.
+
+        faiss' part is measured as the size of its serialisation, which is
+        what it allocates for codes, lists, graphs and centroids.
+        """
+        faiss_part = 0 if self._faiss is None else int(faiss.serialize_index(self._faiss).nbytes)
+        ids_part = int(self._ids.nbytes)
+        vectors_part = 0 if self.is_memory_mapped else int(self._vectors.nbytes)
+        return faiss_part + ids_part + vectors_part
 
     def __repr__(self) -> str:
         return f"Index(dim={self.dim}, kind={self.kind!r}, ntotal={self.ntotal}, trained={self.is_trained})"
@@ -332,35 +357,42 @@ class Index:
         return l2_normalize_rows(arr, what) if self.normalize else arr
 
     def train(self, embeddings: Any) -> None:
-        """Learns the IVF centroids (spherical k-means) from ``embeddings``; a no-op for flat/HNSW.
+        """Learns the IVF centroids (spherical k-means) and, for ``"ivfpq"``, the PQ codebooks; a no-op for flat/HNSW.
 
         Args:
             embeddings: float ``(N, dim)`` representative sample.
         """
-        if self.kind != "ivf":
+        if self.kind not in ("ivf", "ivfpq"):
             return
         if self.is_trained:
-            raise ConfigError("this IVF index is already trained; make a new Index to retrain")
+            raise ConfigError(f"this {self.kind.upper()} index is already trained; make a new Index to retrain")
         x = self._prepare(embeddings, "training vectors")
         n = x.shape[0]
         nlist = self._nlist
         if nlist is None:
             nlist = int(min(max(1, round(4 * math.sqrt(n))), max(1, n // _MIN_POINTS_PER_CENTROID)))
         if n < nlist:
-            raise DataError(f"IVF with nlist={nlist} needs at least {nlist} training vectors, got {n}")
+            raise DataError(f"{self.kind.upper()} with nlist={nlist} needs at least {nlist} training vectors, got {n}")
         if n < _MIN_POINTS_PER_CENTROID * nlist:
             logger.warning("IVF training on %d vectors for %d lists (< 39 per list): centroids may be poor", n, nlist)
-        quantizer = faiss.IndexFlatIP(self.dim)
-        index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.spherical = True  # unit-norm centroids: the right k-means for cosine similarity
-        index.train(x)
-        # The IVF index must own its quantizer, or the Python-side object frees it.
-        index.own_fields = True
-        quantizer.this.disown()
-        index.nprobe = self._nprobe
+        if self.kind == "ivf":
+            quantizer = faiss.IndexFlatIP(self.dim)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            # The IVF index must own its quantizer, or the Python-side object frees it.
+            index.own_fields = True
+            quantizer.this.disown()
+        else:
+            index = self._faiss if self._faiss is not None else self._from_factory(f"IVF{nlist},PQ{self._pq_m}x4fs")
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.spherical = True  # unit-norm centroids: the right k-means for cosine similarity
+        try:
+            index.train(x)
+        except RuntimeError as err:
+            raise DataError(f"faiss could not train the {self.kind} index on {n} vectors: {err}") from err
+        ivf.nprobe = self._nprobe
         self._faiss = index
         self._nlist = nlist
-        logger.info("trained IVF with %d lists on %d vectors", nlist, n)
+        logger.info("trained %s with %d lists on %d vectors", self.kind.upper(), nlist, n)
 
     def add(self, embeddings: Any, ids: Sequence[int] | Sequence[str] | np.ndarray | None = None) -> None:
         """Adds vectors with their ids.
@@ -396,19 +428,59 @@ class Index:
         if not self.is_trained:
             self.train(x)
         self._faiss.add(x)
+        if self.kind == "ivfpq":
+            if self.is_memory_mapped:
+                logger.warning("adding to a memory-mapped IVF-PQ index copies its %d exact vectors into RAM", self.ntotal)
+            self._vectors = np.concatenate([self._vectors, x]) if self.ntotal else x.copy()
         self._ids = np.concatenate([self._ids, new_ids]) if self.ntotal else new_ids
         if self._faiss.ntotal != self._ids.shape[0]:  # faiss and the id list must never drift apart
             raise IndexFileError(f"faiss holds {self._faiss.ntotal} vectors but {self._ids.shape[0]} ids")
 
     # ------------------------------------------------------------------ searching
     def _search_positions(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, positions = self._faiss.search(x, k)
-        return scores, positions
+        if self.kind != "ivfpq":
+            return self._faiss.search(x, k)
+        candidates = min(self.ntotal, k * self._rerank)
+        approx_scores, positions = self._faiss.search(x, candidates)
+        if self._rerank == 1:
+            return approx_scores, positions
+        return self._rescore(x, positions, k)
+
+    def _rescore(self, x: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner products of each query with its candidates' stored vectors; the top-k of those."""
+        q, c = positions.shape
+        scores = np.full((q, k), -np.inf, np.float32)
+        out = np.full((q, k), -1, np.int64)
+        rows = max(1, _RERANK_BYTES // max(1, c * self.dim * 4))
+        for start in range(0, q, rows):
+            pos = positions[start : start + rows]
+            valid = pos >= 0
+            safe = np.where(valid, pos, 0)
+            # Sorted reads: a memory-mapped file is then read front to back.
+            flat = safe.ravel()
+            order = np.argsort(flat, kind="stable")
+            gathered = np.empty((flat.size, self.dim), np.float32)
+            gathered[order] = self._vectors[flat[order]]
+            sims = np.einsum("qd,qcd->qc", x[start : start + rows], gathered.reshape(*pos.shape, self.dim))
+            sims = np.where(valid, sims, -np.inf).astype(np.float32)
+            top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+            best = np.take_along_axis(sims, top, 1)
+            scores[start : start + rows, : top.shape[1]] = best
+            out[start : start + rows, : top.shape[1]] = np.where(np.isfinite(best), np.take_along_axis(pos, top, 1), -1)
+        return scores, out
 
     def vectors(self, positions: np.ndarray | None = None) -> np.ndarray:
-        """The stored (normalised) vectors, all or at the given positions (``(..., dim)`` float32)."""
+        """The stored (normalised) vectors, all or at the given positions (``(..., dim)`` float32).
+
+        For ``"ivfpq"`` these are the exact vectors kept beside the codes (a
+        read-only memory map when loaded with ``mmap=True`` and no positions).
+        """
         if self.ntotal == 0:
             return np.zeros((0, self.dim), np.float32)
+        if self.kind == "ivfpq":
+            if positions is None:
+                return self._vectors
+            return np.asarray(self._vectors[np.asarray(positions, np.int64)], np.float32)
         if self.kind == "ivf":
             ivf = faiss.extract_index_ivf(self._faiss)
             if ivf.direct_map.type == faiss.DirectMap.NoMap:
@@ -493,14 +565,17 @@ class Index:
 
         Layout: magic ``DOLGIDX\\0``, the header length (uint64), a JSON header
         (format version, options, ntotal, id type, section sizes), faiss' own
-        serialisation of the index, the ids (``.npy`` bytes without pickle for
-        integer ids, a JSON list for string ids), and the SHA-256 of everything
-        before it. :meth:`load` checks the size and the digest first, so a
-        truncated or corrupt file raises :class:`IndexFileError`.
+        serialisation of the index, the exact vectors (raw little-endian
+        float32, row-major; ``"ivfpq"`` only, empty otherwise), the ids
+        (``.npy`` bytes without pickle for integer ids, a JSON list for
+        string ids), and the SHA-256 of everything before it. :meth:`load`
+        checks the size and the digest first, so a truncated or corrupt file
+        raises :class:`IndexFileError`.
         """
-        if self._faiss is None:
-            raise DataError("an untrained, empty IVF index has nothing to save")
+        if self._faiss is None or not self.is_trained:
+            raise DataError(f"an untrained, empty {self.kind.upper()} index has nothing to save")
         faiss_bytes = faiss.serialize_index(self._faiss)
+        vectors = self._vectors if self.kind == "ivfpq" else np.zeros((0, self.dim), np.float32)
         if self._ids.dtype.kind == "i":
             buf = io.BytesIO()
             np.save(buf, self._ids, allow_pickle=False)
@@ -515,15 +590,24 @@ class Index:
                 "ntotal": self.ntotal,
                 "id_type": id_type,
                 "faiss_bytes": int(faiss_bytes.nbytes),
+                "vector_bytes": int(vectors.nbytes),
                 "id_bytes": len(id_bytes),
                 "faiss_version": faiss.__version__,
             }
         ).encode("utf-8")
         digest = hashlib.sha256()
-        parts = (_PREFIX.pack(_MAGIC, len(header)), header, memoryview(faiss_bytes), id_bytes)
+
+        def parts():
+            yield _PREFIX.pack(_MAGIC, len(header))
+            yield header
+            yield memoryview(faiss_bytes)
+            rows = max(1, _READ_BLOCK // (4 * self.dim))
+            for start in range(0, vectors.shape[0], rows):  # blocks: a memory map is never read whole
+                yield np.ascontiguousarray(vectors[start : start + rows], dtype="<f4").tobytes()
+            yield id_bytes
 
         def write(f):
-            for part in parts:
+            for part in parts():
                 digest.update(part)
                 f.write(part)
             f.write(digest.digest())
@@ -532,8 +616,21 @@ class Index:
         logger.info("saved %s to %s (%d bytes)", self, path, os.path.getsize(path))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Index:
+    def load(cls, path: str | os.PathLike, *, mmap: bool = False, verify: bool = True) -> Index:
         """Reads a file written by :meth:`save`; checks size, digest, version and consistency.
+
+        The file is read in blocks (never whole), and each section is copied
+        once: peak memory is about the index's own size.
+
+        Args:
+            path: the index file.
+            mmap: ``"ivfpq"``: leave the exact vectors in the file and read
+                them on demand through a read-only memory map (the page cache
+                keeps what is used). In RAM stay the codes, the lists and the
+                ids. Other kinds have no such section and load whole.
+            verify: check the SHA-256 of the whole file first (the default).
+                ``False`` skips that pass, which reads every byte once (about
+                a minute per 100 GB), and keeps every other check.
 
         Raises:
             IndexFileError: the file is missing, not an index file, truncated,
@@ -542,103 +639,102 @@ class Index:
         path = os.fspath(path)
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                return cls._read(f, path, mmap=mmap, verify=verify)
         except OSError as err:
             raise IndexFileError(f"cannot read index file {path!r}: {err.strerror or err}") from err
-        if len(data) < _PREFIX.size + _DIGEST or data[:8] != _MAGIC:
+
+    @classmethod
+    def _read(cls, f: io.BufferedReader, path: str, *, mmap: bool, verify: bool) -> Index:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(_PREFIX.size)
+        if size < _PREFIX.size + _DIGEST or len(prefix) < _PREFIX.size or prefix[:8] != _MAGIC:
             raise IndexFileError(f"{path!r} is not a dolg_tf index file (bad magic or too short)")
-        _, header_len = _PREFIX.unpack_from(data)
+        _, header_len = _PREFIX.unpack(prefix)
+        if header_len > min(_MAX_HEADER, size - _PREFIX.size - _DIGEST):
+            raise IndexFileError(f"{path!r}: header length {header_len} is impossible; the file is truncated or corrupt")
         try:
-            header = json.loads(data[_PREFIX.size : _PREFIX.size + header_len].decode("utf-8"))
-            expected = _PREFIX.size + header_len + int(header["faiss_bytes"]) + int(header["id_bytes"]) + _DIGEST
+            header = json.loads(f.read(header_len).decode("utf-8"))
+            if not isinstance(header, dict):
+                raise TypeError(f"the header is a JSON {type(header).__name__}, not an object")
+            # version 1 has no vector section
+            sections = [header["faiss_bytes"], header.get("vector_bytes", 0), header["id_bytes"]]
+            if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sections):
+                raise TypeError(f"section sizes must be non-negative integers, got {sections}")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise IndexFileError(f"{path!r}: unreadable header ({err}); the file is truncated or corrupt") from err
-        if len(data) != expected:
-            raise IndexFileError(f"{path!r} is truncated or has trailing data: {len(data)} bytes, expected {expected}")
-        if hashlib.sha256(memoryview(data)[:-_DIGEST]).digest() != data[-_DIGEST:]:
-            raise IndexFileError(f"{path!r} is corrupt: SHA-256 checksum mismatch")
-        if header.get("format") != "dolg_tf.index" or header.get("version") != FORMAT_VERSION:
+        faiss_len, vector_len, id_len = sections
+        start = _PREFIX.size + header_len
+        expected = start + faiss_len + vector_len + id_len + _DIGEST
+        if size != expected:
+            raise IndexFileError(f"{path!r} is truncated or has trailing data: {size} bytes, expected {expected}")
+        if verify:
+            digest = hashlib.sha256()
+            f.seek(0)
+            remaining = size - _DIGEST
+            while remaining:
+                block = f.read(min(_READ_BLOCK, remaining))
+                if not block:
+                    raise IndexFileError(f"{path!r} shrank while it was being read")
+                digest.update(block)
+                remaining -= len(block)
+            if digest.digest() != f.read(_DIGEST):
+                raise IndexFileError(f"{path!r} is corrupt: SHA-256 checksum mismatch")
+        if header.get("format") != "dolg_tf.index" or header.get("version") not in _READABLE_VERSIONS:
             raise IndexFileError(
                 f"{path!r}: unsupported format {header.get('format')!r} version {header.get('version')!r} "
-                f"(this dolg_tf reads version {FORMAT_VERSION})"
+                f"(this dolg_tf reads versions {', '.join(map(str, _READABLE_VERSIONS))})"
             )
-        start = _PREFIX.size + header_len
-        faiss_end = start + int(header["faiss_bytes"])
         try:
             index = cls(**header["options"])
-            fidx = faiss.deserialize_index(np.frombuffer(data, np.uint8, faiss_end - start, start))
-            id_bytes = memoryview(data)[faiss_end:-_DIGEST]
+            ntotal = header["ntotal"]
+            if not isinstance(ntotal, int) or ntotal < 0:
+                raise TypeError(f"ntotal must be a non-negative integer, got {ntotal!r}")
+            f.seek(start)
+            fidx = _read_faiss_section(f, faiss_len)
+            want_vectors = ntotal * index.dim * 4 if index.kind == "ivfpq" else 0
+            if vector_len != want_vectors:
+                raise ValueError(f"vector section of {vector_len} bytes, expected {want_vectors}")
+            vectors_at = start + faiss_len
+            if index.kind == "ivfpq" and mmap and ntotal:
+                vectors = np.memmap(path, dtype="<f4", mode="r", offset=vectors_at, shape=(ntotal, index.dim))
+            elif index.kind == "ivfpq":
+                f.seek(vectors_at)
+                vectors = np.fromfile(f, dtype="<f4", count=ntotal * index.dim).reshape(ntotal, index.dim)
+            if mmap and index.kind != "ivfpq":
+                logger.warning("%r: a %r index has no separate vector section to memory-map; loaded whole", path, index.kind)
+            f.seek(vectors_at + vector_len)
+            id_bytes = f.read(id_len)
             if header["id_type"] == "int64":
                 ids = np.load(io.BytesIO(id_bytes), allow_pickle=False)
             else:
-                ids = np.asarray(json.loads(bytes(id_bytes).decode("utf-8")), dtype=str)
-        except (RuntimeError, ValueError, TypeError, KeyError, ConfigError) as err:
+                ids = np.asarray(json.loads(id_bytes.decode("utf-8")), dtype=str)
+        except (RuntimeError, ValueError, TypeError, KeyError, MemoryError, ConfigError) as err:
             raise IndexFileError(f"{path!r}: cannot decode the index ({err})") from err
-        if fidx.d != index.dim or fidx.ntotal != header["ntotal"] or ids.shape != (header["ntotal"],):
+        if fidx.d != index.dim or fidx.ntotal != ntotal or ids.shape != (ntotal,):
             raise IndexFileError(
-                f"{path!r} is inconsistent: faiss d={fidx.d} ntotal={fidx.ntotal}, ids {ids.shape}, header {header['ntotal']}"
+                f"{path!r} is inconsistent: faiss d={fidx.d} ntotal={fidx.ntotal}, ids {ids.shape}, header {ntotal}"
             )
         index._faiss = fidx
         index._ids = ids if ids.size else np.zeros(0, np.int64)
+        if index.kind == "ivfpq" and ntotal:
+            index._vectors = vectors
         # Runtime search parameters come from the header, whatever faiss serialised.
         index.nprobe = index._nprobe
         index.ef_search = index._ef_search
         return index
 
 
-def write_search_results(
-    path: str | os.PathLike,
-    query_ids: Sequence[Any],
-    ids: np.ndarray,
-    scores: np.ndarray,
-    *,
-    index: str | None = None,
-    query_expansion: dict[str, Any] | None = None,
-) -> str:
-    """Writes search results as the JSON ``dolg index search`` writes and ``dolg show`` reads, atomically.
+def _read_faiss_section(f: io.BufferedReader, length: int) -> faiss.Index:
+    """faiss' serialisation of ``length`` bytes at the file's position, read through a bounded callback (no copy of the whole)."""
+    remaining = [length]
 
-    ``{"index", "k", "query_expansion", "results": [{"query", "ids", "scores"}, ...]}``, one entry per
-    query in order; ``ids`` / ``scores`` are the ``(Q, k)`` arrays of :meth:`Index.search`.
-    """
-    payload = {
-        "index": index,
-        "k": int(scores.shape[1]),
-        "query_expansion": query_expansion,
-        "results": [
-            {"query": q, "ids": row_ids.tolist(), "scores": [round(float(s), 6) for s in row_scores]}
-            for q, row_ids, row_scores in zip(query_ids, ids, scores)
-        ],
-    }
-    return atomic_write_json(path, payload)
+    def read(n: int) -> bytes:
+        n = min(int(n), remaining[0])
+        block = f.read(n)
+        remaining[0] -= len(block)
+        return block
 
-
-def brute_force_search(queries: np.ndarray, database: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner-product search in numpy: chunked matmul + ``argpartition``.
-
-    The numpy baseline of ``benchmarks/index.py``. Equal scores at the k-th
-    place may come back in any order, as with faiss.
-
-    Args:
-        queries: float32 ``(Q, D)``.
-        database: float32 ``(N, D)``.
-        k: results per query (clipped to N).
-        chunk: database rows per matmul block (bounds memory to ``Q * chunk`` floats).
-
-    Returns:
-        ``(scores, positions)``: float32 and int64 ``(Q, k)``, scores descending.
-    """
-    queries = _as_matrix(queries, None, "queries")
-    database = _as_matrix(database, queries.shape[1], "database")
-    k = min(int(k), database.shape[0])
-    best_s = np.full((queries.shape[0], 0), -np.inf, np.float32)
-    best_p = np.zeros((queries.shape[0], 0), np.int64)
-    for start in range(0, database.shape[0], chunk):
-        sims = queries @ database[start : start + chunk].T
-        kk = min(k, sims.shape[1])
-        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-        cand_s = np.concatenate([best_s, np.take_along_axis(sims, part, 1)], axis=1)
-        cand_p = np.concatenate([best_p, part + start], axis=1)
-        # Sort by (-score, position): the merge keeps the top-k and a deterministic tie order.
-        order = np.lexsort((cand_p, -cand_s), axis=1)[:, :k]
-        best_s, best_p = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_p, order, 1)
-    return best_s, best_p
+    index = faiss.read_index(faiss.PyCallbackIOReader(read))
+    if remaining[0]:
+        raise ValueError(f"faiss read {length - remaining[0]} of the {length} bytes of its section")
+    return index

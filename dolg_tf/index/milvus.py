@@ -1,0 +1,2 @@
+MILVUS_KINDS = ('FLAT',)
+class MilvusIndex: pass
