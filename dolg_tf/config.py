@@ -76,6 +76,9 @@ class ModelConfig(FrozenConfig):
         channel_order: ``"rgb"`` or ``"bgr"`` (the official weights expect BGR).
         pixel_mean: per-channel mean in [0, 1] units, in ``channel_order``.
         pixel_std: per-channel std, in ``channel_order``.
+        train_image_size: side of the square crops the model was trained at
+            (``None``: not trained by dolg_tf, e.g. a converted checkpoint).
+            Only a record: exports default their image size to it.
     """
 
     backbone: str = "resnet101"
@@ -92,6 +95,7 @@ class ModelConfig(FrozenConfig):
     channel_order: str = "rgb"
     pixel_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     pixel_std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    train_image_size: int | None = None
 
     def __post_init__(self):
         # Normalise JSON lists back to tuples so configs compare equal after a round trip.
@@ -117,6 +121,9 @@ class ModelConfig(FrozenConfig):
             raise ConfigError("gem_eps, fusion_epsilon and bn_epsilon must be positive")
         if self.channel_order not in ("rgb", "bgr"):
             raise ConfigError(f"channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
+        size = self.train_image_size
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 16):
+            raise ConfigError(f"train_image_size must be None or an integer >= 16, got {size!r}")
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or any(s <= 0 for s in self.pixel_std):
             raise ConfigError(
                 f"pixel_mean and pixel_std need 3 values (std > 0), got {self.pixel_mean} and {self.pixel_std}"

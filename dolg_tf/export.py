@@ -31,6 +31,16 @@ Resize policies:
 * ``"fixed"``: every image is resized to ``image_size x image_size`` (aspect
   ratio NOT kept) and the batch runs through the network at once: faster on
   accelerators, less faithful. ``benchmarks/export_resize.py`` measures both.
+* ``"none"``: no first resize; the scale pyramid runs at the image's own
+  resolution, bounded only by ``max_image_pixels`` (the authors' evaluation).
+
+Profiles (:data:`EXPORT_PROFILES`, ``dolg export --profile``) name a set of
+these options: ``"default"`` (``"aspect"`` to the image size the model was
+trained at, or 512, with the paper's three scales) and ``"official"`` (the
+authors' evaluation: no pre-resize and their five scales; the model's own
+preprocessing, which a converted checkpoint carries, is part of the model).
+Every scaled side, the first resize's included, is rounded by
+:func:`dolg_tf.model.multiscale.scaled_size`.
 
 The export also writes ``assets.extra/tf_serving_warmup_requests`` (TF
 Serving's warm-up file: ``PredictionLog`` records built from real photos) and
@@ -46,18 +56,24 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from dolg_tf.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, PAPER_SCALES, FrozenConfig
+from dolg_tf.config import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    OFFICIAL_SCALES,
+    PAPER_SCALES,
+    FrozenConfig,
+)
 from dolg_tf.errors import ConfigError, ExportError
 from dolg_tf.versions import VERSION_NAME, complete_versions
 
 log = logging.getLogger(__name__)
 
-RESIZE_POLICIES = ("aspect", "fixed")
+RESIZE_POLICIES = ("aspect", "fixed", "none")
 WARMUP_FILE = "tf_serving_warmup_requests"
 EXPORT_JSON = "dolg_export.json"
 # Op types that TF Serving's C++ runtime cannot run (Python callbacks) or
@@ -72,8 +88,8 @@ class ExportConfig(FrozenConfig):
 
     Attributes:
         image_size: longer side (``"aspect"``) or side (``"fixed"``) the
-            image is resized to before the scale pyramid.
-        resize: ``"aspect"`` or ``"fixed"`` (see the module docstring).
+            image is resized to before the scale pyramid (unused by ``"none"``).
+        resize: ``"aspect"``, ``"fixed"`` or ``"none"`` (see the module docstring).
         scales: the inference scales baked into the graph.
         max_image_bytes: largest encoded image accepted.
         max_image_pixels: largest decoded image (height x width) accepted,
@@ -111,6 +127,45 @@ class ExportConfig(FrozenConfig):
             raise ConfigError(f"warmup_batch_sizes must lie in [1, max_batch_size], got {self.warmup_batch_sizes}")
 
 
+DEFAULT_IMAGE_SIZE = 512
+# At the image's own resolution the largest scale (1.4142) doubles the pixels the
+# network sees; 2048 x 2048 keeps one R101 request within a few GB, and covers
+# Revisited Oxford / Paris (1024 px on the longer side).
+OFFICIAL_MAX_IMAGE_PIXELS = 2048 * 2048
+EXPORT_PROFILES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "official": {"resize": "none", "scales": OFFICIAL_SCALES, "max_image_pixels": OFFICIAL_MAX_IMAGE_PIXELS},
+}
+
+
+def export_config_for(model, profile: str = "default", **options: Any) -> ExportConfig:
+    """The :class:`ExportConfig` of a profile for ``model``, with ``options`` over it.
+
+    The image size defaults to the crop size the model was trained at
+    (``model.config.train_image_size``), else 512. An explicit ``image_size``
+    that differs from the training size is allowed, with a warning.
+
+    Raises:
+        ConfigError: an unknown profile or an invalid option.
+    """
+    if profile not in EXPORT_PROFILES:
+        raise ConfigError(f"unknown export profile {profile!r}; expected one of {sorted(EXPORT_PROFILES)}")
+    values: dict[str, Any] = {"image_size": DEFAULT_IMAGE_SIZE, **EXPORT_PROFILES[profile]}
+    trained = getattr(getattr(model, "config", None), "train_image_size", None)
+    if trained:
+        values["image_size"] = trained
+        asked = options.get("image_size")
+        if asked is not None and asked != trained and options.get("resize", values.get("resize")) != "none":
+            log.warning(
+                "exporting at image size %d, but the model was trained at %d; descriptors and speed will differ "
+                "from the training resolution's",
+                asked,
+                trained,
+            )
+    values.update({k: v for k, v in options.items() if v is not None})
+    return ExportConfig.from_dict(values)
+
+
 # --------------------------------------------------------------------------- graph pieces
 
 
@@ -125,26 +180,25 @@ def _check(condition, template: str, values=()):
 def resize_for_embedding(pixels, config: ExportConfig):
     """The export's first resize, applied to a ``(B, H, W, 3)`` batch of one size.
 
-    ``"aspect"``: longer side -> ``image_size`` (OpenCV rounding, at least 1
-    pixel); ``"fixed"``: ``image_size x image_size``. Returns float32 in [0, 255].
-    Used by the graph and by tests as the Python reference.
+    ``"aspect"``: each side times ``image_size / longer side``, rounded by
+    :func:`dolg_tf.model.multiscale.scaled_size` (the one size rule);
+    ``"fixed"``: ``image_size x image_size``; ``"none"``: the pixels as they
+    are. Returns float32 in [0, 255].
     """
     import tensorflow as tf
 
+    from dolg_tf.model.multiscale import scaled_size
+
     pixels = tf.cast(pixels, tf.float32)
+    if config.resize == "none":
+        return pixels
     shape = tf.shape(pixels)
     h, w = shape[1], shape[2]
     if config.resize == "fixed":
         size = tf.constant([config.image_size, config.image_size])
     else:
-        longer = tf.cast(tf.maximum(h, w), tf.float32)
-        ratio = config.image_size / longer
-        size = tf.stack(
-            [
-                tf.maximum(1, tf.cast(tf.floor(tf.cast(h, tf.float32) * ratio + 0.5), tf.int32)),
-                tf.maximum(1, tf.cast(tf.floor(tf.cast(w, tf.float32) * ratio + 0.5), tf.int32)),
-            ]
-        )
+        ratio = tf.constant(float(config.image_size), tf.float64) / tf.cast(tf.maximum(h, w), tf.float64)
+        size = tf.stack([scaled_size(h, ratio), scaled_size(w, ratio)])
     shrinking = tf.logical_or(size[0] < h, size[1] < w)
     if config.antialias:
         resized = tf.cond(
@@ -402,6 +456,8 @@ def export_saved_model(
     warmup_images: Sequence[bytes] | None = None,
     model_name: str = "dolg",
     extra_metadata: dict[str, Any] | None = None,
+    profile: str = "default",
+    progress: Callable[[str], None] | None = None,
     **export_options: Any,
 ) -> str:
     """Exports a DOLG model as a TF Serving SavedModel version directory.
@@ -416,7 +472,10 @@ def export_saved_model(
             built-in demo photographs).
         model_name: model name written into the warm-up requests.
         extra_metadata: more JSON-able facts to record (e.g. training run).
-        **export_options: :class:`ExportConfig` fields.
+        profile: a key of :data:`EXPORT_PROFILES`; ``export_options`` go over it.
+        progress: called with a short description as each stage starts
+            (tracing the signatures takes most of the time).
+        **export_options: :class:`ExportConfig` fields (``None`` values are ignored).
 
     Returns:
         The version directory's path.
@@ -427,7 +486,8 @@ def export_saved_model(
     """
     import tensorflow as tf
 
-    config = ExportConfig.from_dict(export_options)
+    config = export_config_for(model, profile, **export_options)
+    say = progress or (lambda message: log.info("%s", message))
     base_dir = os.fspath(base_dir)
     if os.path.exists(base_dir) and not os.path.isdir(base_dir):
         raise ExportError(f"export base path {base_dir!r} exists and is not a directory")
@@ -444,10 +504,14 @@ def export_saved_model(
     # so a half-written export is never picked up; rename makes it appear whole.
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base_dir)
     try:
-        _ExportModule(model, config).archive().write_out(tmp, verbose=False)
+        say(f"tracing the serving signatures ({config.resize} resize, scales {list(config.scales)})")
+        archive = _ExportModule(model, config).archive()
+        say("writing the SavedModel")
+        archive.write_out(tmp, verbose=False)
         extra = os.path.join(tmp, "assets.extra")
         os.makedirs(extra, exist_ok=True)
         if config.warmup_batch_sizes:
+            say("writing the warm-up requests")
             images = list(warmup_images) if warmup_images else default_warmup_images(max(config.warmup_batch_sizes))
             with tf.io.TFRecordWriter(os.path.join(extra, WARMUP_FILE)) as writer:
                 for record in warmup_requests(images, config.warmup_batch_sizes, model_name):
@@ -459,6 +523,7 @@ def export_saved_model(
             "model_class": type(model).__name__,
             "model_config": _jsonable(model_cfg),
             "export_config": config.to_dict(),
+            "profile": profile,
             "embedding_dim": int(model.output_shape[-1]),
             "signatures": {
                 "serving_default": {"inputs": {"images": "DT_STRING [-1]"}, "outputs": {"embedding": "DT_FLOAT [-1, D]"}},
@@ -469,15 +534,33 @@ def export_saved_model(
         }
         with open(os.path.join(extra, EXPORT_JSON), "w") as f:
             json.dump(metadata, f, indent=2, sort_keys=True)
+        say("auditing the graph for ops TF Serving cannot run")
         problems = audit_saved_model(tmp)
         if problems:
             raise ExportError("the export contains ops TF Serving cannot run: " + "; ".join(problems))
+        _apply_umask(tmp)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("exported %s (%s, image_size %d, scales %s)", final, config.resize, config.image_size, config.scales)
     return final
+
+
+def _apply_umask(folder: str) -> None:
+    """Gives a finished export the modes of ordinary files (``0o666 & ~umask``, folders ``0o777 & ~umask``).
+
+    ``tempfile.mkdtemp`` makes the folder 0700, so without this a TF Serving
+    that runs as another user (as containers do) could not read the export.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def _jsonable(value):

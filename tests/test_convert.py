@@ -1,6 +1,7 @@
 """Official PyTorch checkpoint -> Keras: key coverage, numerical parity, loud errors."""
 
 import ast
+import io
 import json
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from dolg_tf.config import OFFICIAL_SCALES
 from dolg_tf.convert import detect_architecture, from_official_pytorch, load_official_state_dict
 from dolg_tf.errors import WeightsError
 from dolg_tf.model import multiscale_embed
-from tests.torch_official import OfficialDOLG, official_input, randomise_
+from tests.torch_official import OfficialDOLG, official_input, official_multiscale, official_scaled_size, randomise_
 
 DATA = Path(__file__).parent / "data"
 NUM_CLASSES = 10
@@ -80,13 +81,59 @@ def test_multiscale_parity_with_official_scales(r50_pair, rng):
     images = rng.uniform(0, 255, (1, 96, 128, 3)).astype("float32")
     acc = 0
     for s in OFFICIAL_SCALES:
-        size = (int(np.floor(96 * s + 0.5)), int(np.floor(128 * s + 0.5)))
+        size = (official_scaled_size(96, s), official_scaled_size(128, s))
         x = torch.nn.functional.interpolate(official_input(images), size=size, mode="bilinear", align_corners=False)
         with torch.no_grad():
             d = module(x)[0].numpy()
         acc = acc + d / np.linalg.norm(d, axis=1, keepdims=True)
     expected = acc / np.linalg.norm(acc, axis=1, keepdims=True)
     np.testing.assert_allclose(np.asarray(multiscale_embed(model, images, OFFICIAL_SCALES)), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("h,w", [(149, 97), (99, 225)])
+def test_five_scale_parity_on_odd_sizes(r50_pair, rng, h, w):
+    """Odd, non-square sides (every one of them a tie at some scale) against the authors' extractor."""
+    module, model, _ = r50_pair[True]
+    images = rng.uniform(0, 255, (1, h, w, 3)).astype("float32")
+    expected = official_multiscale(module, images, OFFICIAL_SCALES)
+    got = np.asarray(multiscale_embed(model, images, OFFICIAL_SCALES))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_official_profile_served_over_grpc_matches_the_authors_extractor(r50_pair, tmp_path):
+    """Converted checkpoint -> `dolg export --profile official` -> `dolg serve` -> a JPEG over gRPC."""
+    import grpc
+    import tensorflow as tf
+    from PIL import Image
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from dolg_tf import cli
+    from dolg_tf.demo_data import demo_photos
+    from dolg_tf.quickstart import ServerProcess
+
+    module, model, _ = r50_pair[True]
+    keras_path = tmp_path / "converted.keras"
+    model.save(keras_path)
+    base = tmp_path / "saved_models" / "dolg"
+    argv = ["export", "--model", str(keras_path), "--out", str(base), "--profile", "official", "--max-batch-size", "4"]
+    assert cli.main(argv) == 0
+    photo = Image.fromarray(demo_photos()["chelsea"])
+    photo.thumbnail((149, 149))  # 99 x 149: 149 x 0.5 = 74.5 is a tie
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    with ServerProcess(str(base)) as server:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(server.grpc_target))
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "dolg"
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto([jpeg], dtype=tf.string))
+        served = tf.make_ndarray(stub.Predict(request, timeout=300).outputs["embedding"])
+    # The same decoded pixels (the server's JPEG decoder), then the authors' pipeline in PyTorch.
+    pixels = tf.io.decode_jpeg(jpeg, channels=3).numpy()[None].astype("float32")
+    assert pixels.shape[1:3] == (99, 149)
+    expected = official_multiscale(module, pixels, OFFICIAL_SCALES)
+    assert np.abs(served - expected).max() <= 1e-4
 
 
 def test_head_is_kept_on_request(r50_pair):

@@ -284,3 +284,78 @@ def test_cli_export_with_c_api_verify(tmp_path, capsys):
     assert summary["export_dir"] == str(out / "1") and summary["verify_max_abs_diff"] <= 1e-5
     assert cli.main(["export", "--preset", "tiny", "--out", str(out), "--version", "1"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_export_defaults_follow_the_model(caplog):
+    from dolg_tf.config import OFFICIAL_SCALES, PAPER_SCALES
+    from dolg_tf.export import OFFICIAL_MAX_IMAGE_PIXELS, export_config_for
+
+    trained = build_dolg("tiny", train_image_size=96)
+    untrained = build_dolg("tiny")
+    assert export_config_for(trained).image_size == 96
+    assert export_config_for(untrained).image_size == 512
+    assert export_config_for(trained).scales == PAPER_SCALES and export_config_for(trained).resize == "aspect"
+    with caplog.at_level("WARNING", logger="dolg_tf.export"):
+        assert export_config_for(trained, image_size=512).image_size == 512
+    assert "trained at 96" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dolg_tf.export"):
+        export_config_for(trained, image_size=96)
+        export_config_for(untrained, image_size=300)
+    assert not caplog.text
+    official = export_config_for(trained, "official")
+    assert (official.resize, official.scales, official.max_image_pixels) == ("none", OFFICIAL_SCALES, OFFICIAL_MAX_IMAGE_PIXELS)
+    assert export_config_for(trained, "official", scales=(1.0,), max_image_pixels=10_000).scales == (1.0,)
+    with pytest.raises(ConfigError, match="unknown export profile 'paper'"):
+        export_config_for(trained, "paper")
+
+
+def test_trained_size_travels_with_the_keras_file(tmp_path):
+    from dolg_tf.model import load_dolg
+
+    model = build_dolg("tiny", train_image_size=80)
+    model.save(tmp_path / "m.keras")
+    loaded = load_dolg(str(tmp_path / "m.keras"))
+    assert loaded.config.train_image_size == 80
+    path = export_saved_model(loaded, tmp_path / "sm", scales=(1.0,), warmup_batch_sizes=())
+    meta = read_export_metadata(path)
+    assert meta["export_config"]["image_size"] == 80 and meta["profile"] == "default"
+    with pytest.raises(ConfigError, match="train_image_size"):
+        build_dolg("tiny", train_image_size=4)
+
+
+def test_export_is_readable_by_another_user(tmp_path):
+    root = tmp_path / "shared"
+    root.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(root, 0o755)
+    previous = os.umask(0o022)
+    try:
+        path = export_saved_model(build_dolg("tiny"), root / "dolg", image_size=32, scales=(1.0,))
+    finally:
+        os.umask(previous)
+    for folder, dirs, files in os.walk(path):
+        assert os.stat(folder).st_mode & 0o777 == 0o755, folder
+        for name in files:
+            assert os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o644, name
+    if os.geteuid() == 0:  # as root (CI is), prove it: another user loads the whole export
+        for parent in tmp_path.parents:  # pytest's base folder is 0700
+            if str(parent) in ("/", "/tmp"):
+                break
+            os.chmod(parent, os.stat(parent).st_mode | 0o005)
+        script = 'find "$1" -type f -exec cat {} + > /dev/null && id -u'
+        nobody = {"user": 65534, "group": 65534, "extra_groups": []}
+        out = subprocess.run(["/bin/sh", "-c", script, "sh", path], **nobody, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == "65534", out.stderr
+
+
+def test_cli_export_shows_progress_and_names_wrong_model_kinds(tmp_path, capsys):
+    out = tmp_path / "models"
+    assert cli.main(["export", "--preset", "tiny", "--out", str(out), "--image-size", "32", "--scales", "1"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("building the tiny model", "tracing the serving signatures", "writing the SavedModel", "done"):
+        assert stage in err
+    assert cli.main(["export", "--model", str(out / "1"), "--out", str(tmp_path / "x")]) == 2
+    assert "is a SavedModel (an export), not a Keras model" in capsys.readouterr().err
+    assert cli.main(["export", "--model", str(out), "--out", str(tmp_path / "x")]) == 2
+    assert "is an export base path (SavedModel versions 1)" in capsys.readouterr().err

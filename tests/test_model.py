@@ -175,7 +175,7 @@ class TestMultiscale:
         got = np.asarray(multiscale_embed(tiny, x, scales))
         acc = 0
         for s in scales:
-            size = (int(np.floor(64 * s + 0.5)), int(np.floor(96 * s + 0.5)))
+            size = (round(64 * s), round(96 * s))  # Python rounds half to even, as the authors do
             xs = tf.image.resize(x, size, method="bilinear") if s != 1.0 else x
             e = np.asarray(tiny(xs))
             acc = acc + e / np.linalg.norm(e, axis=-1, keepdims=True)

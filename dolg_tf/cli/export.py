@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 
 from dolg_tf.cli._common import parse_scales
 from dolg_tf.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from dolg_tf.errors import ConfigError
+from dolg_tf.export import EXPORT_PROFILES, OFFICIAL_MAX_IMAGE_PIXELS, RESIZE_POLICIES
+
+
+def _progress():
+    start = time.monotonic()
+
+    def say(message: str) -> None:
+        print(f"dolg export: [{time.monotonic() - start:5.1f} s] {message}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    say = _progress()
+    say("loading TensorFlow")
     import numpy as np
 
     from dolg_tf.export import (
@@ -24,8 +38,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.model and (args.weights or args.backbone_weights):
         raise ConfigError("--model is a whole model; do not combine it with --weights / --backbone-weights")
     if args.model:
+        say(f"loading {args.model}")
         model = load_dolg(args.model)
     else:
+        say(f"building the {args.preset} model")
         model = build_dolg(args.preset, weights=args.weights, backbone_weights=args.backbone_weights)
     options = {
         "image_size": args.image_size,
@@ -42,6 +58,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         version=args.version,
         model_name=args.model_name,
         extra_metadata={"source": source},
+        profile=args.profile,
+        progress=say,
         **options,
     )
     summary = {"export_dir": path, **read_export_metadata(path)["export_config"]}
@@ -50,10 +68,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         # compare with the Keras model on a real photo.
         from dolg_tf.export import embed_reference
 
+        say("verifying: the export through TF's C API (TF Serving's loader) vs the Keras model")
         jpeg = default_warmup_images(1)[0]
         served = run_with_c_api(path, images=[jpeg])
         expected = embed_reference(model, [jpeg], read_export_metadata(path)["export_config"])
         summary["verify_max_abs_diff"] = float(np.abs(served - expected).max())
+    say(f"done: {path}")
     print(json.dumps(summary))
     if not (args.model or args.weights or args.backbone_weights):
         print("note: exported a model with random weights (no --model / --weights given)")
@@ -70,11 +90,26 @@ def register(sub) -> None:
     p.add_argument("--out", default="saved_models/dolg", help="model base path (default: saved_models/dolg)")
     p.add_argument("--version", type=int, default=None, help="integer version (default: next free)")
     p.add_argument("--model-name", default="dolg", help="model name in the warm-up requests (default: dolg)")
-    p.add_argument("--image-size", type=int, default=512, help="longer side (aspect) or side (fixed); default 512")
-    p.add_argument("--resize", choices=["aspect", "fixed"], default="aspect", help="resize policy (default: aspect)")
-    p.add_argument("--scales", type=parse_scales, default=(0.7071, 1.0, 1.4142), help="comma-separated scales")
-    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES)
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument(
+        "--profile",
+        choices=sorted(EXPORT_PROFILES),
+        default="default",
+        help="default: aspect resize to the model's training size (else 512), scales 0.7071,1,1.4142; "
+        "official: the authors' evaluation (no pre-resize, scales 0.3535,0.5,0.7071,1,1.4142, "
+        f"at most {OFFICIAL_MAX_IMAGE_PIXELS} pixels). The flags below override the profile.",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="longer side (aspect) or side (fixed); default: the size the model was trained at, else 512",
+    )
+    p.add_argument("--resize", choices=list(RESIZE_POLICIES), default=None, help="resize policy (default: aspect)")
+    p.add_argument("--scales", type=parse_scales, default=None, help="comma-separated scales (default: 0.7071,1,1.4142)")
+    p.add_argument("--max-image-bytes", type=int, default=None, help=f"default {DEFAULT_MAX_IMAGE_BYTES}")
+    p.add_argument(
+        "--max-image-pixels", type=int, default=None, help=f"default {DEFAULT_MAX_IMAGE_PIXELS} (official: see --profile)"
+    )
+    p.add_argument("--max-batch-size", type=int, default=None, help="default 32")
     p.add_argument("--verify", action="store_true", help="run the export through TF's C API and compare with Keras")
     p.set_defaults(func=_cmd_export)

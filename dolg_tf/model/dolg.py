@@ -50,6 +50,7 @@ class DOLG(keras.Model):
         channel_order: str = "rgb",
         pixel_mean=(0.485, 0.456, 0.406),
         pixel_std=(0.229, 0.224, 0.225),
+        train_image_size: int | None = None,
         name: str = "dolg",
         **kwargs,
     ):
@@ -68,6 +69,7 @@ class DOLG(keras.Model):
             channel_order=channel_order,
             pixel_mean=tuple(pixel_mean),
             pixel_std=tuple(pixel_std),
+            train_image_size=train_image_size,
         )
         images = keras.Input(shape=(None, None, 3), dtype="float32", name="images")
         x = ImageNormalization(config.pixel_mean, config.pixel_std, config.channel_order, name="normalize")(images)
@@ -175,6 +177,19 @@ def load_dolg(path: str) -> DOLG:
     """
     import os
 
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+            raise WeightsError(
+                f"{path!r} is a SavedModel (an export), not a Keras model; export from the .keras file it was made "
+                "from (e.g. runs/<run>/dolg.keras or the output of `dolg convert`), or serve this export as it is"
+            )
+        exports = [n for n in sorted(os.listdir(path)) if n.isascii() and n.isdigit()]
+        if any(os.path.isfile(os.path.join(path, n, "saved_model.pb")) for n in exports):
+            raise WeightsError(
+                f"{path!r} is an export base path (SavedModel versions {', '.join(exports)}), not a Keras model; "
+                "pass the .keras file the export was made from"
+            )
+        raise WeightsError(f"{path!r} is a directory; expected a .keras model file")
     if not os.path.isfile(path):
         raise WeightsError(f"model file {path!r} does not exist")
     try:

@@ -254,7 +254,10 @@ class Trainer:
         from dolg_tf.config import model_config
 
         self.config = config
-        self.model_config = model_config(config.preset, **(model_overrides or {}))
+        # The model records the crop size it is trained at; exports default to it.
+        self.model_config = model_config(
+            config.preset, **{"train_image_size": config.image_size, **(model_overrides or {})}
+        )
         # The strategy first: splitting the CPU must precede any TensorFlow op.
         self.strategy = strategy or make_strategy(config.strategy, cpu_replicas=config.cpu_replicas, tpu=config.tpu)
         self.chief = is_chief(self.strategy)
