@@ -174,7 +174,10 @@ def server(tmp_path_factory):
     srv = _start_server(
         base,
         str(tmp_path_factory.mktemp("serve-log") / "server.log"),
-        "--version-policy", "all", "--version-labels", "stable=1,canary=2", "--poll-seconds", "0.5",
+        "--version-policy", "all", "--version-labels", "stable=1,canary=2,next=3", "--poll-seconds", "0.5",
+        # "next" names a version exported later, which TF Serving allows only with this flag.
+        "--allow_version_labels_for_unavailable_models",
+        "--max_num_load_retries", "1", "--load_retry_interval_micros", "200000",
     )  # fmt: skip
     yield srv
     if srv.proc.poll() is None:
@@ -242,6 +245,12 @@ def test_serve_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "version policy" in capsys.readouterr().err
     assert main(["serve", "--model-base-path", str(tmp_path), "--port", "70000"]) == 2
     assert "TCP port" in capsys.readouterr().err
+    version_dir = tmp_path / "dolg" / "1"
+    version_dir.mkdir(parents=True)
+    (version_dir / "saved_model.pb").write_bytes(b"")
+    assert main(["serve", "--model-base-path", str(version_dir), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "looks like a version directory" in err and f"--model-base-path {version_dir.parent}" in err, err
 
 
 def test_sigterm_while_waiting_for_a_first_version(tmp_path):
@@ -334,6 +343,9 @@ def test_version_and_label_selection(server):
     assert diff > 1e-3
     latest = server.predict.Predict(_bytes_request([GOOD_JPEG]), timeout=60)
     assert latest.model_spec.version.value == max(server.ready["versions"])
+    # A label for a version that is not loaded yet: NOT_FOUND naming the version, as TF Serving answers.
+    err = _grpc_error(server.predict.Predict, _bytes_request([GOOD_JPEG], label="next"))
+    assert err.code() == grpc.StatusCode.NOT_FOUND and "3" in err.details(), err.details()
 
 
 def test_unknown_model_version_label_signature_are_not_found(server):
@@ -549,6 +561,7 @@ def test_new_version_is_picked_up_without_restart(server):
         raise AssertionError(f"version 3 never became available:\n{server.log()}")
     latest = server.predict.Predict(_bytes_request([GOOD_JPEG]), timeout=60)
     assert latest.model_spec.version.value == 3
+    assert server.predict.Predict(_bytes_request([GOOD_JPEG], label="next"), timeout=60).model_spec.version.value == 3
     _assert_close(
         tf.make_ndarray(latest.outputs["embedding"]), server.reference(3, "serving_default", images=tf.constant([GOOD_JPEG]))
     )

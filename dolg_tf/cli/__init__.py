@@ -20,7 +20,8 @@ from dolg_tf.cli._common import import_tensorflow_quietly
 from dolg_tf.errors import DolgError
 
 # Commands that always run TensorFlow: it is imported up front (see import_tensorflow_quietly).
-_TENSORFLOW_COMMANDS = {"convert", "data", "export", "serve", "train"}
+# ``serve`` imports it itself, after checking its ports and paths (a wiring mistake costs one line).
+_TENSORFLOW_COMMANDS = {"convert", "data", "export", "train"}
 
 
 def _version() -> str:

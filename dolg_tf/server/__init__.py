@@ -5,18 +5,29 @@ Production serves the export with the official TF Serving container (see
 where ``tensorflow_model_server`` is not installed. It loads the same
 SavedModel directories, runs the same signatures and answers with the same
 messages and status codes for everything the client touches.
+
+The names below are imported on first use, so ``dolg_tf.server.preflight``
+(argument and port checks) runs before TensorFlow is imported.
 """
 
-from dolg_tf.server.app import DolgServer, ServeOptions
-from dolg_tf.server.models import ModelManager, Servable, VersionPolicy, parse_version_labels
-from dolg_tf.server.status import RequestError
+from __future__ import annotations
 
-__all__ = [
-    "DolgServer",
-    "ModelManager",
-    "RequestError",
-    "Servable",
-    "ServeOptions",
-    "VersionPolicy",
-    "parse_version_labels",
-]
+import importlib
+
+_EXPORTS = {
+    "DolgServer": "dolg_tf.server.app",
+    "ServeOptions": "dolg_tf.server.app",
+    "ModelManager": "dolg_tf.server.models",
+    "Servable": "dolg_tf.server.models",
+    "VersionPolicy": "dolg_tf.server.preflight",
+    "parse_version_labels": "dolg_tf.server.preflight",
+    "RequestError": "dolg_tf.server.status",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ from tensorflow_serving.apis import (
 )
 
 from dolg_tf.server.models import ModelManager
+from dolg_tf.server.preflight import port_in_use_error
 from dolg_tf.server.status import RequestError, invalid_argument
 
 logger = logging.getLogger(__name__)
@@ -104,11 +105,21 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
 def start_grpc_server(
     manager: ModelManager, host: str, port: int, max_message_bytes: int, workers: int
-) -> tuple[grpc.Server, int]:
-    """Starts the gRPC server; returns it and the bound port (``port=0`` picks a free one)."""
+) -> tuple[grpc.Server, int, futures.ThreadPoolExecutor]:
+    """Starts the gRPC server; returns it, the bound port (``port=0`` picks a free one) and its worker pool.
+
+    The port is bound exclusively (``grpc.so_reuseport`` 0): with gRPC's default,
+    a second server on the same port starts silently and new channels are split
+    between the two.
+
+    Raises:
+        ServingError: the port is in use or cannot be bound.
+    """
+    executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dolg-grpc")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dolg-grpc"),
+        executor,
         options=[
+            ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
@@ -116,8 +127,14 @@ def start_grpc_server(
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as err:  # grpc >= 1.60 raises instead of returning 0
+        bound, reason = 0, str(err)
+    else:
+        reason = ""
     if bound == 0:
-        raise OSError(f"could not bind gRPC to {address}")
+        executor.shutdown(wait=False)
+        raise port_in_use_error("gRPC", host, port, "--port", reason or "bind failed")
     server.start()
-    return server, bound
+    return server, bound, executor

@@ -11,12 +11,14 @@ the version's ``SignatureDef`` and runs the signature.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -26,71 +28,27 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from dolg_tf.errors import ServingError
+from dolg_tf.versions import VERSION_NAME
 from dolg_tf.versions import complete_versions as scan_versions
+from dolg_tf.server.preflight import VersionPolicy, check_base_path, parse_version_labels
 from dolg_tf.server.status import RequestError, invalid_argument, not_found
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["ModelManager", "Servable", "VersionPolicy", "VersionState", "parse_version_labels"]
 
 DEFAULT_SIGNATURE = "serving_default"
 SERVE_TAG = "serve"
 INIT_OP_SIGNATURE = "__saved_model_init_op"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+EXPORT_JSON = os.path.join("assets.extra", "dolg_export.json")
 # TF Serving replays at most this many warmup records per version.
 MAX_WARMUP_RECORDS = 1000
-
-
-@dataclass(frozen=True)
-class VersionPolicy:
-    """Which versions to serve: TF Serving's ``latest {num_versions}``, ``all {}`` or ``specific {versions}``.
-
-    Args:
-        kind: ``"latest"``, ``"all"`` or ``"specific"``.
-        num_versions: how many of the newest versions ``latest`` keeps.
-        versions: the versions ``specific`` serves.
-    """
-
-    kind: str = "latest"
-    num_versions: int = 1
-    versions: tuple[int, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> VersionPolicy:
-        """Parses ``latest``, ``latest:N``, ``all`` or ``specific:1,3``."""
-        kind, _, arg = text.strip().partition(":")
-        try:
-            if kind == "latest":
-                policy = cls("latest", int(arg) if arg else 1)
-                if policy.num_versions < 1:
-                    raise ValueError
-                return policy
-            if kind == "all" and not arg:
-                return cls("all")
-            if kind == "specific":
-                versions = tuple(sorted({int(v) for v in arg.split(",")}))
-                if versions and min(versions) >= 0:
-                    return cls("specific", versions=versions)
-        except ValueError:
-            pass
-        raise ServingError(f"version policy must be latest, latest:N (N >= 1), all or specific:V1,V2,..., got {text!r}")
-
-    def select(self, available: Sequence[int]) -> set[int]:
-        ordered = sorted(available)
-        if self.kind == "all":
-            return set(ordered)
-        if self.kind == "specific":
-            return set(ordered) & set(self.versions)
-        return set(ordered[-self.num_versions :])
-
-
-def parse_version_labels(text: str) -> dict[str, int]:
-    """Parses ``stable=1,canary=2`` into ``{"stable": 1, "canary": 2}``."""
-    labels: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, version = item.partition("=")
-        if not sep or not name or not version.strip().isdigit():
-            raise ServingError(f"version labels must look like name=VERSION[,name=VERSION], got {item!r} in {text!r}")
-        labels[name.strip()] = int(version)
-    return labels
+# TF Serving's defaults for --max_num_load_retries and --load_retry_interval_micros.
+DEFAULT_LOAD_RETRIES = 5
+DEFAULT_LOAD_RETRY_INTERVAL_S = 60.0
+# A progress line at least this often while a version loads or warms up.
+PROGRESS_EVERY_S = 10.0
 
 
 def _tensor_spec(info: meta_graph_pb2.TensorInfo) -> tuple[tf.DType, tf.TensorShape]:
@@ -125,6 +83,7 @@ class Servable:
         self.max_tensor_bytes = max_tensor_bytes
         self.meta_graph = read_serving_meta_graph(path)
         self.signature_defs = self.meta_graph.signature_def
+        self.max_batch_size = read_max_batch_size(path)
         self._loaded = tf.saved_model.load(path, tags=[SERVE_TAG])
         self._functions = dict(self._loaded.signatures)
 
@@ -197,8 +156,16 @@ class Servable:
         return name, {alias: result[alias].numpy() for alias in wanted}
 
     def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-        """Answers a ``PredictRequest`` (model_spec already resolved to this version)."""
-        inputs = {alias: self.tensor_from_proto(alias, proto) for alias, proto in request.inputs.items()}
+        """Answers a ``PredictRequest`` (model_spec already resolved to this version).
+
+        Every input's declared shape, value count and size is checked against the
+        signature and the limits before any tensor is built from it.
+        """
+        _, signature_def = self.signature(request.model_spec.signature_name)
+        inputs = {
+            alias: self.tensor_from_proto(alias, proto, signature_def.inputs.get(alias))
+            for alias, proto in request.inputs.items()
+        }
         name, outputs = self.run(request.model_spec.signature_name, inputs, list(request.output_filter))
         response = predict_pb2.PredictResponse()
         response.model_spec.name = self.name
@@ -208,17 +175,59 @@ class Servable:
             response.outputs[alias].CopyFrom(tf.make_tensor_proto(value))
         return response
 
-    def tensor_from_proto(self, alias: str, proto) -> np.ndarray:
-        """Decodes a request ``TensorProto`` with a size check before any allocation."""
+    def check_batch(self, alias: str, batch: int) -> None:
+        """Refuses a batch over the export's ``max_batch_size`` (before any tensor is built)."""
+        if self.max_batch_size is not None and batch > self.max_batch_size:
+            raise invalid_argument(
+                f"input '{alias}': batch of {batch} is over the limit of {self.max_batch_size} "
+                f"(max_batch_size of {self.name} version {self.version}); split it into smaller requests"
+            )
+
+    def tensor_from_proto(self, alias: str, proto, spec: meta_graph_pb2.TensorInfo | None = None) -> np.ndarray:
+        """Decodes a request ``TensorProto``, checking it before anything is allocated.
+
+        A ``TensorProto`` may declare a huge shape with a single value, which
+        TensorFlow expands by repeating the last value; so the declared shape is
+        checked against the signature (dtype, rank, batch size) and the byte
+        limit first, string values are counted by their real bytes, and a string
+        tensor must carry exactly one value per element.
+        """
+        shape = [d.size for d in proto.tensor_shape.dim]
+        if any(d < 0 for d in shape):
+            raise invalid_argument(f"input '{alias}' is not a valid TensorProto: negative dimension in shape {shape}")
+        if spec is not None:
+            dtype, want = _tensor_spec(spec)
+            if proto.dtype != dtype.as_datatype_enum:
+                try:
+                    got = tf.dtypes.as_dtype(proto.dtype).name
+                except TypeError:
+                    got = f"DataType {proto.dtype}"
+                raise invalid_argument(f"input '{alias}' expects dtype {dtype.name} but got {got}")
+            if not want.is_compatible_with(shape):
+                raise invalid_argument(f"input '{alias}' expects shape {_shape_text(want)} but got {shape}")
+            if want.rank and want[0] is None and shape:
+                self.check_batch(alias, shape[0])
+        elements = 1
+        for d in shape:  # Python ints: no overflow on absurd shapes
+            elements *= d
+        if proto.dtype == tf.string.as_datatype_enum:
+            count = len(proto.string_val)
+            if count != elements:
+                raise invalid_argument(
+                    f"input '{alias}': shape {shape} has {elements} elements but the tensor carries {count} "
+                    "string values; send exactly one value per element"
+                )
+            nbytes = sum(len(v) for v in proto.string_val)
+        else:
+            try:
+                nbytes = elements * max(tf.dtypes.as_dtype(proto.dtype).size, 1)
+            except (TypeError, ValueError) as err:
+                raise invalid_argument(f"input '{alias}' is not a valid TensorProto: {err}") from None
+        if nbytes > self.max_tensor_bytes:
+            raise invalid_argument(
+                f"input '{alias}': shape {shape} needs {nbytes} bytes, over the limit of {self.max_tensor_bytes} bytes"
+            )
         try:
-            shape = [d.size for d in proto.tensor_shape.dim]
-            if any(d < 0 for d in shape):
-                raise ValueError(f"negative dimension in shape {shape}")
-            elements = int(np.prod(shape, dtype=np.int64))
-            itemsize = 1 if proto.dtype == tf.string.as_datatype_enum else tf.dtypes.as_dtype(proto.dtype).size
-            # A proto may name a huge shape with one repeated value, which numpy would expand.
-            if elements * max(itemsize, 1) > self.max_tensor_bytes:
-                raise ValueError(f"shape {shape} is larger than the limit of {self.max_tensor_bytes} bytes")
             return tf.make_ndarray(proto)
         except (TypeError, ValueError, KeyError) as err:
             raise invalid_argument(f"input '{alias}' is not a valid TensorProto: {err}") from None
@@ -236,7 +245,11 @@ class Servable:
         if not os.path.exists(path):
             return 0
         count = 0
+        last_log = time.monotonic()
         for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+            if time.monotonic() - last_log > PROGRESS_EVERY_S:
+                logger.info("%s version %d: warming up, %d records replayed", self.name, self.version, count)
+                last_log = time.monotonic()
             log = prediction_log_pb2.PredictionLog()
             try:
                 log.ParseFromString(record.numpy())
@@ -250,6 +263,38 @@ class Servable:
                 raise ServingError(f"{path}: warmup record {count} failed: {err.message}") from None
             count += 1
         return count
+
+
+def read_max_batch_size(path: str) -> int | None:
+    """``max_batch_size`` recorded in an export's ``assets.extra/dolg_export.json`` (None: not recorded)."""
+    meta_path = os.path.join(path, EXPORT_JSON)
+    try:
+        if os.path.getsize(meta_path) > 1 << 20:  # our metadata is a few KB; never read a huge file
+            return None
+        with open(meta_path) as f:
+            value = json.load(f).get("export_config", {}).get("max_batch_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+@contextlib.contextmanager
+def progress(message: str, every_s: float = PROGRESS_EVERY_S) -> Iterator[None]:
+    """Logs ``message (N s)`` every ``every_s`` seconds until the block ends (long loads are not silent)."""
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def beat():
+        while not done.wait(every_s):
+            logger.info("%s (%.0f s)", message, time.monotonic() - t0)
+
+    thread = threading.Thread(target=beat, name="dolg-serve-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 _EAGER_PREFIX = re.compile(r"^Graph execution error:\s*(?:Detected at node .*?\n<stack traces unavailable>\n)?", re.DOTALL)
@@ -285,6 +330,10 @@ class ModelManager:
         labels: version labels (``{"stable": 1}``).
         warmup: replay each version's warmup records before serving it.
         max_tensor_bytes: the largest decoded input tensor accepted.
+        max_load_retries: retries of a failed load before the version is
+            given up (END), as TF Serving's ``--max_num_load_retries``.
+        load_retry_interval_s: seconds between those retries
+            (``--load_retry_interval_micros`` / 1e6).
     """
 
     def __init__(
@@ -295,15 +344,19 @@ class ModelManager:
         labels: Mapping[str, int] | None = None,
         warmup: bool = True,
         max_tensor_bytes: int = 64 << 20,
+        max_load_retries: int = DEFAULT_LOAD_RETRIES,
+        load_retry_interval_s: float = DEFAULT_LOAD_RETRY_INTERVAL_S,
     ):
         self.model_name = model_name
-        self.base_path = os.path.abspath(os.fspath(base_path))
-        if not os.path.isdir(self.base_path):
-            raise ServingError(f"model base path {self.base_path} is not a directory")
+        self.base_path = check_base_path(base_path)
         self.policy = policy or VersionPolicy()
         self.labels = dict(labels or {})
         self.warmup = warmup
         self.max_tensor_bytes = max_tensor_bytes
+        if max_load_retries < 0:
+            raise ServingError(f"max_num_load_retries must be >= 0, got {max_load_retries}")
+        self.max_load_retries = max_load_retries
+        self.load_retry_interval_s = max(0.0, load_retry_interval_s)
         self._servables: dict[int, Servable] = {}
         self._states: dict[int, VersionState] = {}
         self._lock = threading.Lock()
@@ -314,7 +367,33 @@ class ModelManager:
     # --- discovery and loading --------------------------------------------------------
     def complete_versions(self) -> list[int]:
         """Integer-named subdirectories holding a ``saved_model.pb`` (a half-written one has none yet)."""
-        return scan_versions(self.base_path)
+        try:
+            return scan_versions(self.base_path)
+        except PermissionError as err:
+            raise ServingError(f"cannot list model base path {self.base_path}: permission denied ({_whoami()})") from err
+        except OSError as err:
+            raise ServingError(f"cannot list model base path {self.base_path}: {err.strerror or err}") from err
+
+    def unreadable_versions(self) -> list[str]:
+        """Problems with integer-named entries that are not served because they cannot be read."""
+        problems = []
+        try:
+            entries = [e for e in os.scandir(self.base_path) if VERSION_NAME.fullmatch(e.name)]
+        except OSError:
+            return problems  # complete_versions names it
+        for entry in sorted(entries, key=lambda e: int(e.name)):
+            graph = os.path.join(entry.path, "saved_model.pb")
+            try:
+                with open(graph, "rb"):
+                    pass
+            except PermissionError:
+                problems.append(f"{graph}: permission denied ({_whoami()})")
+            except FileNotFoundError:
+                if not os.access(entry.path, os.R_OK | os.X_OK):
+                    problems.append(f"{entry.path}: permission denied ({_whoami()})")
+            except OSError as err:
+                problems.append(f"{graph}: {err.strerror or err}")
+        return problems
 
     def poll_once(self) -> None:
         """Loads the versions the policy wants, then unloads the ones it no longer wants."""
@@ -333,24 +412,48 @@ class ModelManager:
                     self._unload(version)
 
     def _load(self, version: int) -> None:
+        """Loads and warms up one version, retrying failures like TF Serving; END with the error if all fail."""
         path = os.path.join(self.base_path, str(version))
         with self._lock:
             self._states[version] = VersionState("LOADING")
-        t0 = time.perf_counter()
-        try:
-            servable = Servable(self.model_name, version, path, self.max_tensor_bytes)
-            records = servable.warmup() if self.warmup else 0
-        except Exception as err:  # any failure marks the version failed; the server keeps serving the others
-            logger.error("failed to load %s version %d from %s: %s", self.model_name, version, path, err)
+        attempts = 1 + self.max_load_retries
+        for attempt in range(1, attempts + 1):
+            try:
+                servable, records, timing = self._load_once(version, path)
+            except Exception as err:  # any failure marks the version failed; the server keeps serving the others
+                error = err
+                if attempt < attempts and not self._stop.is_set():
+                    logger.warning(
+                        "loading %s version %d failed (attempt %d of %d), retrying in %.1f s: %s",
+                        self.model_name, version, attempt, attempts, self.load_retry_interval_s, err,
+                    )  # fmt: skip
+                    if not self._stop.wait(self.load_retry_interval_s):
+                        continue
+                break
             with self._lock:
-                self._states[version] = VersionState("END", grpc.StatusCode.UNKNOWN, f"failed to load: {err}")
+                self._servables[version] = servable
+                self._states[version] = VersionState("AVAILABLE")
+            logger.info(
+                "%s version %d is available (load %.1f s, %d warmup records in %.1f s)",
+                self.model_name, version, timing[0], records, timing[1],
+            )  # fmt: skip
             return
+        logger.error("failed to load %s version %d from %s: %s", self.model_name, version, path, error)
         with self._lock:
-            self._servables[version] = servable
-            self._states[version] = VersionState("AVAILABLE")
-        logger.info(
-            "loaded %s version %d (%d warmup records) in %.2f s", self.model_name, version, records, time.perf_counter() - t0
-        )
+            self._states[version] = VersionState("END", grpc.StatusCode.UNKNOWN, f"failed to load: {error}")
+
+    def _load_once(self, version: int, path: str) -> tuple[Servable, int, tuple[float, float]]:
+        logger.info("loading %s version %d from %s", self.model_name, version, path)
+        t0 = time.monotonic()
+        with progress(f"still loading {self.model_name} version {version}"):
+            servable = Servable(self.model_name, version, path, self.max_tensor_bytes)
+        t1 = time.monotonic()
+        records = 0
+        if self.warmup:
+            logger.info("warming up %s version %d", self.model_name, version)
+            with progress(f"still warming up {self.model_name} version {version}"):
+                records = servable.warmup()
+        return servable, records, (t1 - t0, time.monotonic() - t1)
 
     def _unload(self, version: int) -> None:
         with self._lock:
@@ -375,22 +478,34 @@ class ModelManager:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stops polling; waits for a load in progress (it cannot be interrupted inside TensorFlow)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                logger.info("waiting for the version load in progress to finish")
+                self._thread.join()
 
     def wait_until_available(self, timeout_s: float | None = None, poll_seconds: float = 1.0) -> None:
         """Blocks until a version is available (TF Serving also waits before opening its ports)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        level = logging.WARNING
+        said: set[str] = set()
         while True:
             self.poll_once()
             if self.available_versions():
                 return
+            problems = self.unreadable_versions()
             if deadline is not None and time.monotonic() > deadline:
-                raise ServingError(f"no loadable version of {self.model_name} under {self.base_path} after {timeout_s} s")
-            logger.log(level, "no servable version of %s under %s yet; waiting", self.model_name, self.base_path)
-            level = logging.DEBUG  # say it once
+                why = f": {'; '.join(problems)}" if problems else ""
+                raise ServingError(
+                    f"no loadable version of {self.model_name} under {self.base_path} after {timeout_s} s{why}"
+                )
+            for problem in problems:  # say each once
+                if problem not in said:
+                    logger.warning("cannot read a version of %s: %s; waiting", self.model_name, problem)
+            if "waiting" not in said:
+                logger.warning("no servable version of %s under %s yet; waiting", self.model_name, self.base_path)
+            said.update(problems, ["waiting"])
             if self._stop.wait(poll_seconds):
                 raise ServingError("stopped while waiting for a version")
 

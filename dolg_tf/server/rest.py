@@ -19,13 +19,16 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import json
 import logging
 import re
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -35,8 +38,10 @@ import tensorflow as tf
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
+from dolg_tf.errors import ServingError
 from dolg_tf.server import grpc_service
 from dolg_tf.server.models import ModelManager
+from dolg_tf.server.preflight import port_in_use_error
 from dolg_tf.server.status import RequestError, invalid_argument, not_found
 
 logger = logging.getLogger(__name__)
@@ -142,8 +147,15 @@ def array_to_json(alias: str, array: np.ndarray) -> Any:
     return array.tolist()
 
 
-def parse_predict_body(body: dict, input_dtypes: dict[str, tf.DType]) -> tuple[dict[str, np.ndarray], str]:
-    """TF Serving's request JSON -> ``({alias: array}, "row" | "columnar")``."""
+def parse_predict_body(
+    body: dict, input_dtypes: dict[str, tf.DType], check_batch: Callable[[str, int], None] | None = None
+) -> tuple[dict[str, np.ndarray], str]:
+    """TF Serving's request JSON -> ``({alias: array}, "row" | "columnar")``.
+
+    ``check_batch(alias, n)`` is called with each input's batch size before
+    any array is built, so an oversized request is refused before it costs memory.
+    """
+    check_batch = check_batch or (lambda alias, n: None)
     if "instances" in body and "inputs" in body:
         raise invalid_argument("Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist")
     names = sorted(input_dtypes)
@@ -153,6 +165,8 @@ def parse_predict_body(body: dict, input_dtypes: dict[str, tf.DType]) -> tuple[d
             raise invalid_argument("Expecting 'instances' to be an list/array")
         if not instances:
             raise invalid_argument("No values in 'instances' array")
+        for name in names:
+            check_batch(name, len(instances))
         named = isinstance(instances[0], dict) and not _is_b64(instances[0])
         if not named and len(names) > 1:
             raise invalid_argument(
@@ -190,12 +204,17 @@ def parse_predict_body(body: dict, input_dtypes: dict[str, tf.DType]) -> tuple[d
             extra = sorted(set(value) - set(names))
             if extra:
                 raise invalid_argument(f"Unknown named input: {extra[0]} in 'inputs' object (inputs: {', '.join(names)})")
+            for n in names:
+                if isinstance(value[n], list):
+                    check_batch(n, len(value[n]))
             arrays = {n: json_to_array(value[n], input_dtypes[n], f"input '{n}'") for n in names}
         else:
             if len(names) > 1:
                 raise invalid_argument(
                     "inputs is a plain value/list, but expecting an object as multiple input tensors required"
                 )
+            if isinstance(value, list):
+                check_batch(names[0], len(value))
             arrays = {names[0]: json_to_array(value, input_dtypes[names[0]], f"input '{names[0]}'")}
         return arrays, "columnar"
     raise invalid_argument("Missing 'inputs' or 'instances' key")
@@ -275,12 +294,43 @@ class RestApi:
         servable = self.manager.resolve(name, version, label)
         _, signature_def = servable.signature(signature_name)
         dtypes = {alias: tf.dtypes.as_dtype(info.dtype) for alias, info in signature_def.inputs.items()}
+        batched = {alias for alias, info in signature_def.inputs.items() if _has_batch_dim(info)}
         try:
-            inputs, layout = parse_predict_body(request, dtypes)
+            inputs, layout = parse_predict_body(
+                request, dtypes, lambda alias, n: servable.check_batch(alias, n) if alias in batched else None
+            )
         except RecursionError:
             raise invalid_argument("JSON Value: the input lists are nested too deeply") from None
-        _, outputs = servable.run(signature_name, inputs)
+        try:
+            _, outputs = servable.run(signature_name, inputs)
+        except RequestError as err:
+            strings = [alias for alias, dtype in dtypes.items() if dtype == tf.string]
+            if err.code == grpc.StatusCode.INVALID_ARGUMENT and strings and _plain_strings(request):
+                raise invalid_argument(
+                    f"{err.message} -- input '{strings[0]}' was sent as plain JSON text; binary data such as an "
+                    'encoded image must be base64-encoded and wrapped as {"b64": "<base64>"}'
+                ) from None
+            raise
         return format_predict_response(outputs, layout)
+
+
+def _has_batch_dim(info) -> bool:
+    dims = info.tensor_shape.dim
+    return not info.tensor_shape.unknown_rank and len(dims) > 0 and dims[0].size == -1
+
+
+def _plain_strings(request: dict) -> bool:
+    """Whether the request's inputs hold a JSON string that is not inside a ``{"b64": ...}`` object."""
+    stack = [request.get("instances"), request.get("inputs")]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            return True
+        if isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, dict) and not _is_b64(value):
+            stack.extend(value.values())
+    return False
 
 
 _MAX_VERSION = 2**63 - 1  # ModelSpec.version is an int64
@@ -309,6 +359,25 @@ def _metadata_json(response: get_model_metadata_pb2.GetModelMetadataResponse) ->
         "model_spec": json_format.MessageToDict(response.model_spec, **options),
         "metadata": {"signature_def": json_format.MessageToDict(signature_map, **options)},
     }
+
+
+class _BodyError(Exception):
+    """A request body that cannot be read: HTTP status and message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# After SIGTERM, the REST server stops only once no request has come for this long (or the grace ends).
+DRAIN_QUIET_S = 0.3
+_SHUTTING_DOWN = "dolg serve is shutting down; send the request again (to another server)"
+_DIGITS = re.compile(r"[0-9]{1,20}")
+_HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
+# Chunk-size lines and trailers longer than this are refused (they carry no data).
+_MAX_CHUNK_LINE = 4096
+_MAX_TRAILERS = 100
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -348,59 +417,97 @@ class _Handler(BaseHTTPRequestHandler):
     def do_OPTIONS(self):  # noqa: N802
         self._serve("OPTIONS")
 
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (bad request line, 414, 431, ...) as TF Serving's JSON, not an HTML page."""
+        short, long = self.responses.get(code, ("Error", ""))
+        text = message or short
+        if explain and explain != long:
+            text = f"{text}: {explain}"
+        if self.request_version == "HTTP/0.9":  # an unparsable request line: answer with a status line anyway
+            self.request_version = "HTTP/1.0"
+        self._reply(code, {"error": text}, close=True)
+
+    def handle_one_request(self):
+        self._counted = False
+        try:
+            super().handle_one_request()
+        finally:
+            if self._counted:
+                self.server.leave()
+
+    def parse_request(self):
+        # The request line has arrived: from here until its answer is written the
+        # connection is busy, so a drain waits for it (and never cuts it mid-request).
+        self._accepted = self.server.enter()
+        self._counted = True
+        return super().parse_request()
+
     def _serve(self, method: str) -> None:
-        with self.server.in_flight():
-            self._serve_request(method)
+        if not self._accepted:  # the request came after SIGTERM
+            self._discard_quietly()
+            self._reply(503, {"error": _SHUTTING_DOWN}, close=True)
+            return
+        self._serve_request(method)
 
     def _serve_request(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            body = self._read_chunked()
-            if body is None:
-                self._reply(413, {"error": f"request body is larger than {self.max_body_bytes} bytes (--max-message-bytes)"})
-                self.close_connection = True
-                return
-            self._answer(method, path, body)
-            return
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0 or length > self.max_body_bytes:
-            if 0 < length <= 4 * self.max_body_bytes:
-                self._discard(length)  # so the client reads our answer instead of a reset connection
-            self._reply(
-                413 if length > 0 else 400,
-                {"error": f"request body of {length} bytes is outside 0..{self.max_body_bytes} bytes (--max-message-bytes)"},
-            )
-            self.close_connection = True
+            body = self._read_body()
+        except _BodyError as err:
+            self._reply(err.status, {"error": err.message}, close=True)
             return
-        self._answer(method, path, self.rfile.read(length) if length else b"")
-
-    def _answer(self, method: str, path: str, body: bytes) -> None:
         if not _API_PATH.fullmatch(path):
             self._reply(404, {"error": f"Not found: {path}"})
             return
         status, payload = self.api.handle(method, path, body)
         self._reply(status, payload)
 
-    def _read_chunked(self) -> bytes | None:
-        """Reads a ``Transfer-Encoding: chunked`` body; None when it exceeds the limit."""
+    def _content_length(self) -> int:
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return 0
+        if not _DIGITS.fullmatch(raw.strip()):
+            raise _BodyError(
+                400, f"invalid Content-Length header {raw[:40]!r}: expected a number of bytes (0..{self.max_body_bytes})"
+            )
+        return int(raw.strip())
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked()
+        length = self._content_length()
+        if length > self.max_body_bytes:
+            if length <= 4 * self.max_body_bytes:
+                self._discard(length)  # so the client reads our answer instead of a reset connection
+            raise _BodyError(
+                413, f"request body of {length} bytes is larger than {self.max_body_bytes} bytes (--max-message-bytes)"
+            )
+        return self.rfile.read(length) if length else b""
+
+    def _read_chunked(self) -> bytes:
+        """Reads a ``Transfer-Encoding: chunked`` body, bounded by the body limit."""
         parts, total = [], 0
         while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                size = -1
-            if size < 0 or total + size > self.max_body_bytes:
-                return None
+            line = self.rfile.readline(_MAX_CHUNK_LINE)
+            if not line:
+                raise _BodyError(400, "bad chunk: the chunked request body ended before its last (zero-size) chunk")
+            size_text = line.split(b";", 1)[0].strip()
+            if not _HEX.fullmatch(size_text):
+                raise _BodyError(400, f"bad chunk: size line {line[:40]!r} is not a hexadecimal number of bytes")
+            size = int(size_text, 16)
+            if total + size > self.max_body_bytes:
+                raise _BodyError(413, f"request body is larger than {self.max_body_bytes} bytes (--max-message-bytes)")
             if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):  # trailers
-                    pass
-                return b"".join(parts)
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(1024)  # the CRLF after each chunk
+                for _ in range(_MAX_TRAILERS):
+                    if self.rfile.readline(_MAX_CHUNK_LINE) in (b"\r\n", b"\n", b""):
+                        return b"".join(parts)
+                raise _BodyError(400, f"bad chunk: more than {_MAX_TRAILERS} trailer lines")
+            data = self.rfile.read(size)
+            if len(data) < size:
+                raise _BodyError(400, f"bad chunk: the body ended inside a chunk of {size} bytes")
+            if self.rfile.readline(_MAX_CHUNK_LINE) not in (b"\r\n", b"\n"):
+                raise _BodyError(400, f"bad chunk: the chunk of {size} bytes is not followed by CRLF")
+            parts.append(data)
             total += size
 
     def _discard(self, length: int) -> None:
@@ -410,11 +517,23 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             length -= len(chunk)
 
-    def _reply(self, status: int, payload: dict) -> None:
+    def _discard_quietly(self) -> None:
+        """Reads a refused request's body (briefly), so closing does not reset the connection under the answer."""
+        try:
+            length = self._content_length()
+            if 0 < length <= self.max_body_bytes:
+                self.connection.settimeout(2.0)
+                self._discard(length)
+        except (_BodyError, OSError):
+            pass
+
+    def _reply(self, status: int, payload: dict, close: bool = False) -> None:
         data = json.dumps(payload).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if close or self.close_connection or self.server.draining:
+            self.send_header("Connection", "close")  # also sets close_connection
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -423,33 +542,134 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("%s " + format, self.address_string(), *args)
 
 
+def _refuse_connection(sock: socket.socket, message: str) -> None:
+    """Answers a connection that is not served with 503 + ``Connection: close``, then closes it."""
+    body = json.dumps({"error": message}).encode("utf-8")
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+    try:
+        sock.settimeout(1.0)
+        with contextlib.suppress(OSError):
+            sock.recv(1 << 16)  # the request, if it comes at once: unread data would reset the connection
+        sock.sendall(head + body)
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 5.0  # read the rest of the request until the client closes
+        while time.monotonic() < deadline and sock.recv(1 << 16):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 class _Server(ThreadingHTTPServer):
-    # Idle keep-alive connections must not keep the process alive; requests in
-    # progress are waited for by ``drain`` instead.
+    """One thread per connection, at most ``max_connections`` of them; drains on :meth:`begin_drain`."""
+
+    # Connection threads are joined by ``join_connections`` when the server stops.
     daemon_threads = True
+    allow_reuse_port = False  # exclusive port: a second server must fail to bind, not share it
     request_queue_size = 128
+    max_connections = 256
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._busy = 0
+        self._last_request = 0.0
+        self._draining = False
         self._idle = threading.Condition()
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._refusing = threading.BoundedSemaphore(32)
 
-    @contextlib.contextmanager
-    def in_flight(self):
+    def process_request(self, request, client_address):
+        with self._idle:
+            if len(self._connections) >= self.max_connections:
+                refusal = (
+                    f"too many connections: this server accepts {self.max_connections} at a time "
+                    "(--rest_api_max_connections); retry later"
+                )
+            else:
+                refusal = None
+                thread = threading.Thread(
+                    target=self.process_request_thread, args=(request, client_address), name="dolg-rest-conn", daemon=True
+                )
+                self._connections[request] = thread
+        if refusal is None:
+            thread.start()
+            return
+        logger.debug("refusing a connection from %s: %s", client_address, refusal)
+        if self._refusing.acquire(blocking=False):  # bounded: a flood of refusals gets closed sockets
+
+            def refuse():
+                try:
+                    _refuse_connection(request, refusal)
+                finally:
+                    self._refusing.release()
+
+            threading.Thread(target=refuse, name="dolg-rest-refuse", daemon=True).start()
+        else:
+            request.close()
+
+    def shutdown_request(self, request):
+        with self._idle:
+            self._connections.pop(request, None)
+        super().shutdown_request(request)
+
+    # --- requests in progress --------------------------------------------------------------
+    def enter(self) -> bool:
+        """Counts a request in; returns False once draining (the request is then answered 503)."""
         with self._idle:
             self._busy += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._busy -= 1
-                self._idle.notify_all()
+            self._last_request = time.monotonic()
+            return not self._draining
 
-    def drain(self, timeout: float) -> int:
-        """Waits up to ``timeout`` s for requests in progress to finish; returns how many are left."""
+    def leave(self) -> None:
         with self._idle:
-            self._idle.wait_for(lambda: self._busy == 0, timeout)
+            self._busy -= 1
+            self._idle.notify_all()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> None:
+        """From now on new requests, kept-alive connections included, get 503 + ``Connection: close``."""
+        with self._idle:
+            self._draining = True
+
+    def drain(self, timeout: float, quiet: float = DRAIN_QUIET_S) -> int:
+        """Waits up to ``timeout`` s until no request is in progress and none came for ``quiet`` s.
+
+        The quiet period lets clients that were just told ``Connection: close``
+        reconnect and hear 503, instead of finding their new connection cut.
+        Returns how many requests are still in progress.
+        """
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while time.monotonic() < deadline:
+                if self._busy == 0 and time.monotonic() - self._last_request >= quiet:
+                    break
+                self._idle.wait(min(0.05, max(0.0, deadline - time.monotonic())))
             return self._busy
+
+    def close_connections(self) -> None:
+        """Shuts every connection's socket, which ends idle keep-alive reads at once."""
+        with self._idle:
+            sockets = list(self._connections)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def join_connections(self, timeout: float) -> int:
+        """Joins the connection threads (up to ``timeout`` s in all); returns how many are still running."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            threads = list(self._connections.values())
+        for thread in threads:
+            if thread.ident is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return sum(t.is_alive() for t in threads)
 
     def handle_error(self, request, client_address):
         # A client that hangs up or times out is routine, not a traceback on stderr.
@@ -460,12 +680,24 @@ class _Server(ThreadingHTTPServer):
 
 
 def start_rest_server(
-    manager: ModelManager, host: str, port: int, max_body_bytes: int
-) -> tuple[ThreadingHTTPServer, threading.Thread, int]:
-    """Starts the REST server in a thread; returns it, the thread and the bound port."""
+    manager: ModelManager, host: str, port: int, max_body_bytes: int, max_connections: int = 256
+) -> tuple[_Server, threading.Thread, int]:
+    """Starts the REST server in a thread; returns it, the thread and the bound port.
+
+    Raises:
+        ServingError: the port is in use or cannot be bound.
+    """
     handler = type("DolgRestHandler", (_Handler,), {"api": RestApi(manager), "max_body_bytes": max_body_bytes})
-    server_class = type("DolgRestServer6", (_Server,), {"address_family": socket.AF_INET6}) if ":" in host else _Server
-    server = server_class((host, port), handler)
+    attributes = {"max_connections": max_connections}
+    if ":" in host:
+        attributes["address_family"] = socket.AF_INET6
+    server_class = type("DolgRestServer", (_Server,), attributes)
+    try:
+        server = server_class((host, port), handler)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise port_in_use_error("REST", host, port, "--rest-api-port") from None
+        raise ServingError(f"cannot bind REST to {host}:{port}: {err.strerror or err}") from None
     thread = threading.Thread(target=server.serve_forever, name="dolg-rest", daemon=True)
     thread.start()
     return server, thread, server.server_address[1]
