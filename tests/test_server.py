@@ -46,6 +46,7 @@ pytestmark = pytest.mark.integration
 
 EXPORT = dict(image_size=64, scales=(0.7071, 1.0))
 MAX_MESSAGE = 4 << 20
+REST_MAX_CONNECTIONS = 12
 START_TIMEOUT_S = 180
 
 
@@ -138,8 +139,11 @@ class Server:
         return self._reference[key].signatures[signature](**inputs)["embedding"].numpy()
 
     def log(self) -> str:
+        return self.log_all()[-4000:]
+
+    def log_all(self) -> str:
         with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
+            return f.read()
 
 
 def _start_server(base: str, log_path: str, *extra: str) -> Server:
@@ -178,6 +182,7 @@ def server(tmp_path_factory):
         # "next" names a version exported later, which TF Serving allows only with this flag.
         "--allow_version_labels_for_unavailable_models",
         "--max_num_load_retries", "1", "--load_retry_interval_micros", "200000",
+        "--rest_api_max_connections", str(REST_MAX_CONNECTIONS),
     )  # fmt: skip
     yield srv
     if srv.proc.poll() is None:
@@ -505,6 +510,137 @@ def test_message_size_limit(server):
     status, payload = server.http("POST", "/v1/models/dolg/versions/1:predict", big)
     assert status == 413 and "bytes" in payload["error"]
     assert server.predict.Predict(_bytes_request([GOOD_JPEG], version=1), timeout=60).outputs["embedding"].dtype
+
+
+def _raw_http(server, data: bytes) -> tuple[int, dict, dict]:
+    """Sends raw bytes to the REST port; returns (status, JSON body, headers) of the answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.ready["rest_port"]), timeout=60) as sock:
+        sock.sendall(data)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        body = response.read()
+        headers = {k.lower(): v for k, v in response.getheaders()}
+    assert headers.get("content-type") == "application/json", (response.status, headers, body[:200])
+    return response.status, json.loads(body), headers
+
+
+def test_http_level_errors_are_tf_serving_json(server):
+    many_headers = "".join(f"X-H{i}: v\r\n" for i in range(200))
+    for label, data, status, words in (
+        ("garbage request line", b"\x16\x03\x01 garbage\r\n\r\n", 400, "request"),
+        ("100 KB URL", b"GET /v1/models/" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri"),
+        ("200 headers", f"GET /v1/models/dolg HTTP/1.1\r\n{many_headers}\r\n".encode(), 431, "header"),
+        ("100 KB header line", b"GET /v1/models/dolg HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431, "line"),
+        (
+            "Content-Length: abc",
+            b"POST /v1/models/dolg:predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+            400,
+            "invalid content-length",
+        ),
+        (
+            "bad chunk size",
+            b"POST /v1/models/dolg:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+            400,
+            "bad chunk",
+        ),
+    ):
+        got, payload, headers = _raw_http(server, data)
+        assert got == status and words in payload["error"].lower(), (label, got, payload)
+        assert headers.get("connection") == "close", (label, headers)
+    assert "-1 bytes" not in _raw_http(server, b"POST /v1/models/dolg:predict HTTP/1.1\r\nContent-Length: abc\r\n\r\n")[1]["error"]
+
+
+def test_rest_plain_string_gets_a_b64_hint(server):
+    status, payload = server.http("POST", "/v1/models/dolg/versions/1:predict", {"instances": ["not base64 image bytes"]})
+    assert status == 400 and '{"b64":' in payload["error"] and "plain JSON text" in payload["error"], payload
+    # The graph's own message is kept in front of the hint.
+    assert payload["error"].index("images[0]") < payload["error"].index("b64"), payload
+
+
+def test_rest_connections_are_capped_with_503(server):
+    import socket
+
+    cap = REST_MAX_CONNECTIONS
+    held = [socket.create_connection(("127.0.0.1", server.ready["rest_port"]), timeout=30) for _ in range(cap)]
+    try:
+        time.sleep(0.5)  # all accepted by the server's loop
+        status, payload, headers = _raw_http(server, b"GET /v1/models/dolg HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and str(cap) in payload["error"] and headers.get("connection") == "close", payload
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the held connections' threads end as they see the close
+        status, payload = server.http("GET", "/v1/models/dolg/versions/1")
+        if status == 200:
+            break
+        time.sleep(0.2)
+    assert status == 200, payload
+
+
+def test_loading_is_logged_with_progress(server):
+    log = server.log_all()
+    for version in (1, 2):
+        assert f"loading dolg version {version} from" in log and f"dolg version {version} is available" in log, log[-2000:]
+
+
+def test_label_for_an_unavailable_version_is_refused_at_start(server):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
+    cmd = [
+        sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
+        "serve", "--model-base-path", server.base, "--port", "0", "--rest-api-port", "-1", "--no-warmup",
+        "--version-labels", "stable=1",  # the default policy (latest) serves version 2 (or 3) only
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=START_TIMEOUT_S)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert (
+        "Request to assign label to version 1 of model dolg, which is not currently available for inference"
+        in done.stderr
+    ), done.stderr[-2000:]
+    assert "--allow_version_labels_for_unavailable_models" in done.stderr
+
+
+def _without_root_file_access() -> None:
+    """In the child, before exec: root loses the capabilities that bypass file permissions (Linux)."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+    for cap in (cap_dac_override, cap_dac_read_search):
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_an_unreadable_version_is_named():
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="dolg-unreadable-")
+    try:
+        version = os.path.join(base, "1")
+        os.makedirs(version)
+        with open(os.path.join(version, "saved_model.pb"), "wb") as f:
+            f.write(b"never read")
+        os.chmod(base, 0o755)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
+        os.chmod(version, 0o000)
+        cmd = [
+            sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
+            "serve", "--model-base-path", base, "--port", "0", "--rest-api-port", "-1", "--wait-for-model-seconds", "0.5",
+        ]  # fmt: skip
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=START_TIMEOUT_S, preexec_fn=_without_root_file_access
+        )
+    finally:
+        os.chmod(os.path.join(base, "1"), 0o700)
+        import shutil
+
+        shutil.rmtree(base)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "permission denied" in done.stderr and os.path.join(base, "1") in done.stderr, done.stderr[-2000:]
 
 
 # --- load ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from tensorflow_serving.apis import predict_pb2
 from dolg_tf.errors import ServingError
 from dolg_tf.versions import VERSION_NAME
 from dolg_tf.versions import complete_versions as scan_versions
-from dolg_tf.server.preflight import VersionPolicy, check_base_path, parse_version_labels
+from dolg_tf.server.preflight import VersionPolicy, check_base_path, describe_user, parse_version_labels
 from dolg_tf.server.status import RequestError, invalid_argument, not_found
 
 logger = logging.getLogger(__name__)
@@ -370,7 +370,7 @@ class ModelManager:
         try:
             return scan_versions(self.base_path)
         except PermissionError as err:
-            raise ServingError(f"cannot list model base path {self.base_path}: permission denied ({_whoami()})") from err
+            raise ServingError(f"cannot list model base path {self.base_path}: permission denied ({describe_user()})") from err
         except OSError as err:
             raise ServingError(f"cannot list model base path {self.base_path}: {err.strerror or err}") from err
 
@@ -387,10 +387,10 @@ class ModelManager:
                 with open(graph, "rb"):
                     pass
             except PermissionError:
-                problems.append(f"{graph}: permission denied ({_whoami()})")
+                problems.append(f"{graph}: permission denied ({describe_user()})")
             except FileNotFoundError:
                 if not os.access(entry.path, os.R_OK | os.X_OK):
-                    problems.append(f"{entry.path}: permission denied ({_whoami()})")
+                    problems.append(f"{entry.path}: permission denied ({describe_user()})")
             except OSError as err:
                 problems.append(f"{graph}: {err.strerror or err}")
         return problems

@@ -70,7 +70,7 @@ def parse_version_labels(text: str) -> dict[str, int]:
     return labels
 
 
-def _whoami() -> str:
+def describe_user() -> str:
     return f"the server runs as uid {os.getuid()}" if hasattr(os, "getuid") else "check the file permissions"
 
 

@@ -527,7 +527,15 @@ class _Handler(BaseHTTPRequestHandler):
         except (_BodyError, OSError):
             pass
 
+    def finish(self):
+        super().finish()
+        if getattr(self, "_linger", False):
+            _lingering_close(self.connection)
+
     def _reply(self, status: int, payload: dict, close: bool = False) -> None:
+        # A refused request may still be arriving (a 100 KB URL is refused after 64 KB):
+        # read it briefly before closing, or the reset would destroy the answer.
+        self._linger = close and status >= 400
         data = json.dumps(payload).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -542,6 +550,19 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("%s " + format, self.address_string(), *args)
 
 
+def _lingering_close(sock: socket.socket, seconds: float = 2.0, limit: int = 1 << 20) -> None:
+    """Half-closes ``sock`` and reads what the client still sends (bounded), so closing does not reset it."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(min(seconds, 0.5))
+        deadline = time.monotonic() + seconds
+        while limit > 0 and time.monotonic() < deadline:
+            data = sock.recv(min(limit, 1 << 16))
+            if not data:
+                break
+            limit -= len(data)
+
+
 def _refuse_connection(sock: socket.socket, message: str) -> None:
     """Answers a connection that is not served with 503 + ``Connection: close``, then closes it."""
     body = json.dumps({"error": message}).encode("utf-8")
@@ -554,10 +575,7 @@ def _refuse_connection(sock: socket.socket, message: str) -> None:
         with contextlib.suppress(OSError):
             sock.recv(1 << 16)  # the request, if it comes at once: unread data would reset the connection
         sock.sendall(head + body)
-        sock.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + 5.0  # read the rest of the request until the client closes
-        while time.monotonic() < deadline and sock.recv(1 << 16):
-            pass
+        _lingering_close(sock, seconds=5.0)
     except OSError:
         pass
     finally:
