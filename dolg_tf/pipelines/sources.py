@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import os
 import posixpath
 import re
 
@@ -62,8 +63,6 @@ def classify_inputs(inputs: list[str]) -> list[InputSpec]:
         DataError: no input, a local input without wildcards that does not exist, or a
             folder / glob / TFRecord pattern that matches no file.
     """
-    import os
-
     if not inputs:
         raise DataError("give at least one input (folder, glob, .csv of id,path, or TFRecord pattern)")
     specs = []
@@ -92,7 +91,7 @@ def classify_inputs(inputs: list[str]) -> list[InputSpec]:
 def _matches_something(pattern: str) -> bool:
     try:
         return bool(FileSystems.match([pattern], [1])[0].metadata_list)
-    except Exception as err:  # BeamIOError from any file system: treat as "nothing there", with the reason
+    except Exception as err:  # BeamIOError (or a file system's own error): unreadable, say why
         raise DataError(f"cannot list {pattern!r}: {err}") from None
 
 
