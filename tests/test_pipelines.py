@@ -110,20 +110,23 @@ def _read_errors(out):
 
 @pytest.fixture(scope="module")
 def folder_runs(tmp_path_factory, export, gallery):
-    """The CLI over the folder, twice into fresh folders (10 rows per shard: 3 Parquet shards)."""
+    """The CLI over the folder, twice into fresh folders (10 rows per shard: 3 Parquet shards), both runs
+    also upserting into one Milvus Lite collection."""
     base, _ = export
+    milvus_db = str(tmp_path_factory.mktemp("milvus") / "gallery.db")
     outs = []
     for run in range(2):
         out = str(tmp_path_factory.mktemp(f"run{run}") / "out")
         argv = ["embed-batch", gallery, "--saved-model", base, "--out", out, "--rows-per-shard", "10"]
+        argv += ["--milvus-uri", milvus_db, "--milvus-collection", "gallery", "--milvus-kind", "FLAT"]
         assert cli.main(argv + ["--direct_num_workers=1"]) == 0  # a Beam flag passes through
         outs.append(out)
-    return outs
+    return outs, milvus_db
 
 
 @pytest.mark.integration
 def test_folder_embeddings_match_the_saved_model(folder_runs, reference, corrupt):
-    out = folder_runs[0]
+    out = folder_runs[0][0]
     rows = _read_rows(out)
     assert sorted(rows) == sorted(reference)  # ids: paths relative to the folder; hidden and .txt files skipped
     for key, vec in rows.items():
@@ -149,7 +152,7 @@ def test_parquet_schema_and_metadata(folder_runs, export):
     with open(os.path.join(path, "fingerprint.pb"), "rb") as f:
         fp.ParseFromString(f.read())
     singleprint = f"{fp.graph_def_program_hash}/{fp.signature_def_hash}/{fp.saved_object_graph_hash}/{fp.checkpoint_hash}"
-    out = folder_runs[0]
+    out = folder_runs[0][0]
     for name in os.listdir(out):
         if name.endswith(".parquet"):
             schema = pq.read_schema(os.path.join(out, name))
@@ -162,7 +165,7 @@ def test_parquet_schema_and_metadata(folder_runs, export):
 
 @pytest.mark.integration
 def test_rerun_writes_identical_files_and_refuses_a_used_folder(folder_runs, export, gallery):
-    first, second = folder_runs
+    first, second = folder_runs[0]
     names = sorted(n for n in os.listdir(first) if n != "dolg_embed_batch.json")
     assert names == sorted(n for n in os.listdir(second) if n != "dolg_embed_batch.json")
     for name in names:
@@ -172,6 +175,20 @@ def test_rerun_writes_identical_files_and_refuses_a_used_folder(folder_runs, exp
     with pytest.raises(DataError, match="not empty"):
         embed_batch([gallery], export[0], first)
     assert sorted(os.listdir(first)) == before
+
+
+@pytest.mark.integration
+def test_milvus_collection_holds_one_row_per_image_after_two_runs(folder_runs, reference):
+    from dolg_tf.index.milvus import MilvusIndex
+
+    outs, milvus_db = folder_runs
+    assert json.load(open(os.path.join(outs[1], "dolg_embed_batch.json")))["milvus"]["rows"] == N_GOOD
+    with MilvusIndex.open(milvus_db, "gallery") as index:
+        assert index.count() == N_GOOD  # the second run replaced the first run's rows
+        keys = sorted(reference)
+        scores, ids = index.search(np.stack([reference[k] for k in keys]), k=1)
+    assert [row[0] for row in ids.tolist()] == keys
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
 
 
 @pytest.mark.integration
@@ -236,6 +253,8 @@ def test_bad_options_are_refused_before_running(tmp_path, export, gallery, capsy
         embed_batch([gallery], export[0], str(tmp_path / "o1"), beam_args=["--no_such_beam_flag=1"])
     with pytest.raises(ConfigError, match="NoSuchRunner"):
         embed_batch([gallery], export[0], str(tmp_path / "o0"), runner="NoSuchRunner")
+    with pytest.raises(ConfigError, match="both --milvus-uri and --milvus-collection"):
+        embed_batch([gallery], export[0], str(tmp_path / "o0"), milvus_uri=str(tmp_path / "m.db"))
     with pytest.raises(ConfigError, match="batch-size"):
         embed_batch([gallery], export[0], str(tmp_path / "o2"), batch_size=9)  # over max_batch_size 8
     with pytest.raises(DataError, match="no such file"):

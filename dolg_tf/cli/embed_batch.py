@@ -24,6 +24,11 @@ that could not be read, decoded or embedded; these never fail the run) and
 dolg_embed_batch.json (the summary, written last). Rows are sharded by a hash of
 the id and sorted by id: a re-run over the same input writes the same files.
 
+With --milvus-uri URI --milvus-collection NAME the rows are also upserted into
+that Milvus collection (created with string ids and a --milvus-kind index if it
+does not exist; a re-run replaces the rows of the same ids), searchable with
+`dolg index search --backend milvus`.
+
 The runner defaults to Beam's in-process FnApiRunner. Every other flag goes to
 Beam as a pipeline option, written --name=value, e.g. --runner DataflowRunner
 --project=P --region=R --temp_location=gs://B/tmp --setup_file=./setup.py, or
@@ -56,6 +61,9 @@ def _cmd_embed_batch(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         batch_size=args.batch_size,
         rows_per_shard=args.rows_per_shard,
+        milvus_uri=args.milvus_uri,
+        milvus_collection=args.milvus_collection,
+        milvus_kind=args.milvus_kind,
     )
     print(json.dumps(summary, sort_keys=True))
     seconds = summary["seconds"]
@@ -65,7 +73,9 @@ def _cmd_embed_batch(args: argparse.Namespace) -> int:
         f"{', %d duplicate ids dropped' % summary['duplicate_ids_dropped'] if summary['duplicate_ids_dropped'] else ''}"
         f" ({summary['embedding_dim']}-d, {summary['model_name']} v{summary['model_version']}) with {args.runner}"
         f" in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} images/s) -> {args.out}: "
-        f"{len(summary['embedding_files'])} embeddings-*.parquet, {len(summary['error_files'])} errors-*.jsonl",
+        f"{len(summary['embedding_files'])} embeddings-*.parquet, {len(summary['error_files'])} errors-*.jsonl"
+        + (f"; {summary['milvus']['rows']} rows upserted into Milvus collection {summary['milvus']['collection']!r}"
+           if "milvus" in summary else ""),
         file=sys.stderr,
     )
     return 0
@@ -85,4 +95,7 @@ def register(sub) -> None:
     p.add_argument("--model-name", default=None, help="model name for the metadata (default: the base path's name)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per model call (default: the export's max_batch_size)")
     p.add_argument("--rows-per-shard", type=positive_int, default=100_000, help="rows per Parquet file (default: 100000)")
+    p.add_argument("--milvus-uri", default=None, metavar="URI", help="also upsert the rows into Milvus: http://host:19530 or a Milvus Lite .db")
+    p.add_argument("--milvus-collection", default=None, metavar="NAME", help="Milvus collection (created with string ids if missing)")
+    p.add_argument("--milvus-kind", default="HNSW", help="index of a new collection: FLAT, IVF_FLAT, HNSW, IVF_PQ (default: HNSW)")
     p.set_defaults(func=_cmd_embed_batch, pass_through=True)

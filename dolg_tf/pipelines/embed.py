@@ -78,6 +78,34 @@ def pipeline_options(runner: str, beam_args: Sequence[str]) -> PipelineOptions:
     return options
 
 
+def prepare_milvus(uri: str, collection: str, dim: int, kind: str = "HNSW") -> str:
+    """Opens the Milvus collection, or creates it (string ids, ``kind`` index) when it does not exist.
+
+    Returns:
+        ``"created"`` or ``"opened"``.
+
+    Raises:
+        ConfigError: the collection exists with another dimension or integer ids.
+        DataError: Milvus cannot be reached (from :mod:`dolg_tf.index.milvus`).
+    """
+    from dolg_tf.errors import IndexFileError
+    from dolg_tf.index.milvus import MilvusIndex
+
+    try:
+        index, what = MilvusIndex.open(uri, collection), "opened"
+    except IndexFileError:
+        index, what = MilvusIndex.create(uri, collection, dim, kind, id_type="str"), "created"
+    try:
+        if index.dim != dim or index.id_type != "str":
+            raise ConfigError(
+                f"Milvus collection {collection!r} at {uri!r} holds {index.dim}-d vectors with {index.id_type} ids; "
+                f"dolg embed-batch writes {dim}-d vectors with string ids: give another --milvus-collection"
+            )
+    finally:
+        index.close()  # Milvus Lite: unlocks the .db file for the pipeline's writer
+    return what
+
+
 def check_out_dir(out: str) -> None:
     """Refuses an output folder that already holds files, and creates a missing local one.
 
@@ -109,8 +137,13 @@ def build_pipeline(
     batch_size: int,
     rows_per_shard: int = ROWS_PER_SHARD,
     facts: dict | None = None,
+    milvus: dict | None = None,
 ):
-    """Adds the whole batch job to ``pipeline``; returns the summary PCollection (one dict)."""
+    """Adds the whole batch job to ``pipeline``; returns the summary PCollection (one dict).
+
+    ``milvus``: ``{"uri", "collection"}`` of an existing collection (see :func:`prepare_milvus`)
+    that the rows are also upserted into.
+    """
     records, dead = sources.read_inputs(pipeline, specs, info.max_image_bytes)
     checked = (
         sources.pcoll_list(pipeline, records, "AllRecords")
@@ -132,14 +165,17 @@ def build_pipeline(
     metadata = info.parquet_metadata()
     n_rows = beam.pvalue.AsSingleton(embeddings | "CountRows" >> beam.combiners.Count.Globally())
     n_errors = beam.pvalue.AsSingleton(errors | "CountErrors" >> beam.combiners.Count.Globally())
-    written_rows = (
+    grouped = (
         embeddings
         | "ShardRows" >> beam.ParDo(sinks.KeyByShard(rows_per_shard), n_rows)
         | "GroupRows" >> beam.GroupByKey()
-        | "WriteParquet" >> beam.ParDo(
-            sinks.WriteEmbeddingShard(out, info.embedding_dim, metadata, rows_per_shard), n_rows
-        )
     )
+    written = [
+        grouped
+        | "WriteParquet" >> beam.ParDo(sinks.WriteEmbeddingShard(out, info.embedding_dim, metadata, rows_per_shard), n_rows)
+    ]
+    if milvus is not None:
+        written.append(grouped | "WriteMilvus" >> beam.ParDo(sinks.WriteMilvusShard(milvus["uri"], milvus["collection"])))
     written_errors = (
         errors
         | "ShardErrors" >> beam.ParDo(sinks.KeyByShard(ERROR_ROWS_PER_SHARD), n_errors)
@@ -147,7 +183,7 @@ def build_pipeline(
         | "WriteErrors" >> beam.ParDo(sinks.WriteErrorShard(out, ERROR_ROWS_PER_SHARD), n_errors)
     )
     return (
-        (written_rows, written_errors)
+        (*written, written_errors)
         | "AllWritten" >> beam.Flatten()
         | "ListWritten" >> beam.combiners.ToList()
         | "Finalize" >> beam.ParDo(sinks.Finalize(out, info.embedding_dim, metadata, facts or {}))
@@ -164,6 +200,9 @@ def embed_batch(
     model_name: str | None = None,
     batch_size: int | None = None,
     rows_per_shard: int = ROWS_PER_SHARD,
+    milvus_uri: str | None = None,
+    milvus_collection: str | None = None,
+    milvus_kind: str = "HNSW",
 ) -> dict:
     """Embeds every input image with an export and writes Parquet shards + dead letters to ``out``.
 
@@ -179,6 +218,9 @@ def embed_batch(
         batch_size: images per model call (default and maximum: the export's
             ``max_batch_size``).
         rows_per_shard: rows per Parquet file (the shard count follows from the total).
+        milvus_uri, milvus_collection: also upsert the rows into this Milvus collection
+            (created with string ids and a ``milvus_kind`` index if missing); ``http://host:19530``
+            or a Milvus Lite ``.db`` path (in-process runner only: the file is locked by one process).
 
     Returns:
         The run summary (also written to ``out/dolg_embed_batch.json``) plus ``seconds``.
@@ -205,8 +247,15 @@ def embed_batch(
     except DataError as err:
         hint = " (Beam options take the form --name=value)" if beam_args else ""
         raise DataError(f"{err}{hint}") from None
+    if (milvus_uri is None) != (milvus_collection is None):
+        raise ConfigError("give both --milvus-uri and --milvus-collection, or neither")
     out = out.rstrip("/") or "/"
     check_out_dir(out)
+    milvus = None
+    if milvus_uri is not None:
+        state = prepare_milvus(milvus_uri, milvus_collection, info.embedding_dim, milvus_kind)
+        milvus = {"uri": milvus_uri, "collection": milvus_collection}
+        log.info("Milvus collection %r at %s %s", milvus_collection, milvus_uri, state)
     facts = {
         "model_name": info.model_name,
         "model_version": info.version,
@@ -216,8 +265,12 @@ def embed_batch(
         "inputs": list(inputs),
         "batch_size": batch_size,
     }
+    if milvus is not None:
+        facts["milvus"] = milvus
     t0 = time.perf_counter()
-    build_pipeline(pipeline, specs, info, out, batch_size=batch_size, rows_per_shard=rows_per_shard, facts=facts)
+    build_pipeline(
+        pipeline, specs, info, out, batch_size=batch_size, rows_per_shard=rows_per_shard, facts=facts, milvus=milvus
+    )
     try:
         state = pipeline.run().wait_until_finish()
     except Exception as err:  # a worker's exception, re-raised by the runner with Beam's context

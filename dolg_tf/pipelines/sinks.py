@@ -23,6 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 
 EMBEDDINGS = "embeddings"
 ERRORS = "errors"
+MILVUS = "milvus"
 SUMMARY_FILE = "dolg_embed_batch.json"
 SUMMARY_FORMAT = "dolg_tf.embed_batch/1"
 
@@ -99,29 +100,66 @@ class KeyByShard(beam.DoFn):
         yield shard_of(key, num_shards(total, self._rows_per_shard)), row
 
 
-class WriteEmbeddingShard(beam.DoFn):
-    """``(shard, [(id, float32 bytes)])`` -> one sorted Parquet file; yields ``(kind, file, rows, duplicates)``.
+def unique_sorted(rows) -> tuple[list[str], list[bytes], int]:
+    """``[(id, vector bytes)]`` -> sorted ids, their vectors, and how many repeated ids were dropped.
 
-    An id seen twice (the same TFRecord key in two records) is written once: the
-    row whose vector bytes sort first, so the choice is the same on every run.
+    An id seen twice (the same TFRecord key in two records) keeps the row whose vector
+    bytes sort first, so the choice is the same on every run.
     """
+    ids, vectors, last, duplicates = [], [], None, 0
+    for key, vec in sorted(rows):
+        if key == last:
+            duplicates += 1
+            continue
+        ids.append(key)
+        vectors.append(vec)
+        last = key
+    return ids, vectors, duplicates
+
+
+class WriteEmbeddingShard(beam.DoFn):
+    """``(shard, [(id, float32 bytes)])`` -> one sorted Parquet file; yields ``(kind, file, rows, duplicates)``."""
 
     def __init__(self, out_dir: str, dim: int, metadata: dict[str, str], rows_per_shard: int):
         self._out, self._dim, self._meta, self._rows_per_shard = out_dir, dim, metadata, rows_per_shard
 
     def process(self, element, total: int):
         shard, rows = element
-        ids, vectors, last, duplicates = [], [], None, 0
-        for key, vec in sorted(rows):
-            if key == last:
-                duplicates += 1
-                continue
-            ids.append(key)
-            vectors.append(vec)
-            last = key
+        ids, vectors, duplicates = unique_sorted(rows)
         name = shard_name(EMBEDDINGS, shard, num_shards(total, self._rows_per_shard))
         write_parquet(join(self._out, name), ids, vectors, self._dim, self._meta)
         yield EMBEDDINGS, name, len(ids), duplicates
+
+
+class WriteMilvusShard(beam.DoFn):
+    """``(shard, [(id, float32 bytes)])`` -> the rows upserted into a Milvus collection
+    (:class:`dolg_tf.index.milvus.MilvusIndex`, string ids): the shard's ids are deleted,
+    then added, so a re-run (or a retried bundle) leaves one row per id. Yields
+    ``("milvus", collection, rows, 0)``.
+    """
+
+    def __init__(self, uri: str, collection: str):
+        self._uri, self._collection = uri, collection
+        self._index = None
+
+    def setup(self):
+        from dolg_tf.index.milvus import MilvusIndex
+
+        self._index = MilvusIndex.open(self._uri, self._collection)
+
+    def process(self, element):
+        _, rows = element
+        ids, vectors, _ = unique_sorted(rows)
+        if ids:
+            matrix = np.frombuffer(b"".join(vectors), dtype=np.float32).reshape(len(ids), -1)
+            self._index.delete(ids)
+            self._index.add(matrix, ids)
+        yield MILVUS, self._collection, len(ids), 0
+
+    def teardown(self):
+        if self._index is not None:
+            self._index.close()  # Milvus Lite: unlocks the .db file
+            self._index = None
 
 
 class WriteErrorShard(beam.DoFn):
@@ -147,12 +185,13 @@ class Finalize(beam.DoFn):
 
     def process(self, written: list):
         files = {EMBEDDINGS: [], ERRORS: []}
-        rows = {EMBEDDINGS: 0, ERRORS: 0}
+        rows = {EMBEDDINGS: 0, ERRORS: 0, MILVUS: 0}
         duplicates = 0
         for kind, name, count, dups in written:
-            files[kind].append(name)
             rows[kind] += count
-            duplicates += dups
+            if kind in files:
+                files[kind].append(name)
+                duplicates += dups
         if not files[EMBEDDINGS]:
             name = shard_name(EMBEDDINGS, 0, 1)
             write_parquet(join(self._out, name), [], [], self._dim, self._meta)
@@ -170,6 +209,8 @@ class Finalize(beam.DoFn):
             "embedding_files": sorted(files[EMBEDDINGS]),
             "error_files": sorted(files[ERRORS]),
         }
+        if "milvus" in self._facts:
+            summary["milvus"] = {**self._facts["milvus"], "rows": rows[MILVUS]}
         data = (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode("utf-8")
         write_file(join(self._out, SUMMARY_FILE), lambda f: f.write(data))
         yield summary
