@@ -358,3 +358,210 @@ def test_ivf_query_expansion_then_more_adds_then_reload(tmp_path):
     loaded = Index.load(tmp_path / "g")
     np.testing.assert_allclose(loaded.vectors()[2500], x[2500], atol=1e-6)
     assert loaded.augmented(3).nlist == 20
+
+
+# --------------------------------------------------------------------------- compressed kind (IVF-PQ + exact re-ranking)
+@pytest.fixture(scope="module", autouse=True)
+def one_faiss_thread():
+    """faiss' OpenMP k-means on tiny data crawls when its threads wait on busy cores; one thread does not."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ivfpq(data):
+    db, _, _ = data
+    # 8-byte codes (1/32 of the float32 vector); these tight clusters need 100 candidates for the top 10
+    index = Index(64, "ivfpq", nlist=32, nprobe=32, pq_m=16, rerank=10)
+    index.add(db, ids=[f"img{i}" for i in range(len(db))])
+    return index
+
+
+def test_ivfpq_reranking_restores_exact_scores_and_recall(ivfpq, data):
+    db, queries, exact = data
+    scores, ids = ivfpq.search(queries, 10)
+    positions = np.array([[int(s[3:]) for s in row] for row in ids])
+    assert recall(positions, exact, 10) >= 0.97
+    # the returned scores are the exact inner products with the returned vectors (numpy, not the index)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, db[positions]), atol=1e-5)
+    ivfpq.rerank = 1  # the PQ codes alone: approximate scores, fewer true neighbours
+    try:
+        approx_scores, approx_ids = ivfpq.search(queries, 10)
+    finally:
+        ivfpq.rerank = 10
+    approx_positions = np.array([[int(s[3:]) for s in row] for row in approx_ids])
+    assert recall(approx_positions, exact, 10) < recall(positions, exact, 10)
+    assert np.abs(approx_scores - np.einsum("qd,qkd->qk", queries, db[approx_positions])).max() > 1e-3
+    # the full vectors are kept exactly (QE and DBA read them)
+    np.testing.assert_allclose(ivfpq.vectors(), db, atol=1e-6)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_ivfpq_save_load_and_memory_map(tmp_path, ivfpq, data, mmap):
+    _, queries, _ = data
+    path = tmp_path / "g.dolgidx"
+    ivfpq.save(path)
+    loaded = Index.load(path, mmap=mmap)
+    assert loaded.options() == ivfpq.options() and loaded.is_memory_mapped is mmap
+    for a, b in zip(ivfpq.search(queries, 10), loaded.search(queries, 10)):
+        np.testing.assert_array_equal(a, b)
+    if mmap:  # the vectors are a read-only view of the file's bytes, not a copy in RAM
+        vectors = loaded.vectors()
+        assert isinstance(vectors, np.memmap) and os.path.samefile(vectors.filename, path)
+        assert not vectors.flags.writeable
+        # in RAM: 8-byte codes, lists, centroids and the ids, well under the 256-byte vectors
+        assert loaded.memory_bytes() < vectors.nbytes / 4
+        assert Index.load(path).memory_bytes() > vectors.nbytes
+
+
+def test_ivfpq_from_a_faiss_factory_string(data):
+    db, queries, exact = data
+    index = Index(64, "ivfpq", factory="IVF16,PQ32x4fs", nprobe=16, rerank=10)
+    assert index.nlist == 16 and not index.is_trained
+    index.add(db[:3000])
+    _, ids = index.search(queries, 10)
+    want = np.argsort(-(queries @ db[:3000].T), axis=1, kind="stable")
+    assert recall(ids, want, 10) >= 0.95
+    twin = Index(**index.options())
+    assert twin.nlist == 16 and twin.options()["factory"] == "IVF16,PQ32x4fs" and not twin.is_trained
+    with pytest.raises(ConfigError, match="not an IVF index"):
+        Index(64, "ivfpq", factory="HNSW32")
+    with pytest.raises(ConfigError, match="faiss cannot build"):
+        Index(64, "ivfpq", factory="IVF16,PQ7")  # 7 does not divide 64
+    with pytest.raises(ConfigError, match="pq_m=24 must divide"):
+        Index(64, "ivfpq", pq_m=24)
+    assert Index(512, "ivfpq").options()["pq_m"] == 128
+    with pytest.raises(DataError, match="could not train"):
+        Index(64, "ivfpq", nlist=1).add(db[:8])  # default pq_m: 64 // 4 = 16  # 8 vectors cannot make 16-centroid codebooks
+
+
+def _rewrite(raw: bytes, header_change=None, body_change=None) -> bytes:
+    """A copy of an index file with its header and/or body changed, and a valid SHA-256 again."""
+    import hashlib
+    import struct
+
+    (hlen,) = struct.unpack_from("<Q", raw, 8)
+    header = json.loads(raw[16 : 16 + hlen])
+    body = raw[16 + hlen : -32]
+    if header_change:
+        header = header_change(header)
+    if body_change:
+        body = body_change(body)
+    new_header = json.dumps(header).encode()
+    out = raw[:8] + struct.pack("<Q", len(new_header)) + new_header + body
+    return out + hashlib.sha256(out).digest()
+
+
+def test_sixteen_kinds_of_corrupt_file_raise_index_file_error(tmp_path, ivfpq):
+    import struct
+
+    path = tmp_path / "g.dolgidx"
+    ivfpq.save(path)
+    raw = path.read_bytes()
+    (hlen,) = struct.unpack_from("<Q", raw, 8)
+    header = json.loads(raw[16 : 16 + hlen])
+    vectors_at = 16 + hlen + header["faiss_bytes"]
+
+    def flip(at):
+        b = bytearray(raw)
+        b[at] ^= 0x01
+        return bytes(b)
+
+    def put(key, value):
+        return lambda h: {**h, key: value}
+
+    cases = {
+        "empty": b"",
+        "magic only": raw[:8],
+        "cut in the header": raw[: 16 + hlen // 2],
+        "cut in the faiss section": raw[: vectors_at - 100],
+        "cut in the vectors": raw[: vectors_at + 1000],
+        "cut before the digest": raw[:-1],
+        "trailing byte": raw + b"\x00",
+        "bit flip in the vectors": flip(vectors_at + 12345),
+        "bit flip in the ids": flip(len(raw) - 40),
+        "digest flipped": flip(len(raw) - 1),
+        "huge header length": raw[:8] + struct.pack("<Q", 1 << 62) + raw[16:],
+        "header not JSON": _rewrite(raw, header_change=lambda h: h, body_change=None)[:16] + b"{" * hlen + raw[16 + hlen :],
+        "header a list": _rewrite(raw, header_change=lambda h: [h]),
+        "negative section size": _rewrite(raw, header_change=put("id_bytes", -5)),
+        "vector section of the wrong size": _rewrite(
+            raw, header_change=lambda h: {**h, "vector_bytes": h["vector_bytes"] - 256, "id_bytes": h["id_bytes"] + 256}
+        ),
+        "garbage faiss section": _rewrite(raw, body_change=lambda b: b"\x07" * 64 + b[64:]),
+        "ids of another length": _rewrite(raw, header_change=put("ntotal", header["ntotal"] - 1)),
+        "unknown kind": _rewrite(raw, header_change=lambda h: {**h, "options": {**h["options"], "kind": "lsh"}}),
+        "unknown version": _rewrite(raw, header_change=put("version", 99)),
+    }
+    assert len(cases) >= 16
+    for name, content in cases.items():
+        bad = tmp_path / "bad"
+        bad.write_bytes(content)
+        with pytest.raises(IndexFileError):
+            Index.load(bad)
+        if name.startswith(("cut", "trailing", "huge", "empty", "magic")):
+            with pytest.raises(IndexFileError):  # structural checks hold without the checksum pass
+                Index.load(bad, mmap=True, verify=False)
+
+
+def test_format_version_1_files_still_load(tmp_path):
+    """A file in the previous layout (no vector section), written here by hand from faiss and numpy."""
+    import hashlib
+    import io
+    import struct
+
+    import faiss
+
+    x = unit(np.random.default_rng(3).normal(size=(20, 8)))
+    flat = faiss.IndexFlatIP(8)
+    flat.add(x)
+    faiss_bytes = faiss.serialize_index(flat).tobytes()
+    buf = io.BytesIO()
+    np.save(buf, np.arange(100, 120, dtype=np.int64), allow_pickle=False)
+    options = {"dim": 8, "kind": "flat", "nlist": None, "nprobe": 16, "m": 32, "ef_construction": 100,
+               "ef_search": 128, "normalize": True}
+    header = json.dumps({"format": "dolg_tf.index", "version": 1, "options": options, "ntotal": 20, "id_type": "int64",
+                         "faiss_bytes": len(faiss_bytes), "id_bytes": len(buf.getvalue())}).encode()
+    body = b"DOLGIDX\x00" + struct.pack("<Q", len(header)) + header + faiss_bytes + buf.getvalue()
+    (tmp_path / "v1").write_bytes(body + hashlib.sha256(body).digest())
+    index = Index.load(tmp_path / "v1")
+    assert index.ntotal == 20 and index.kind == "flat"
+    assert index.search(x[[7]], 1)[1].tolist() == [[107]]
+
+
+def test_cli_ivfpq_build_and_memory_mapped_search(tmp_path, data, capsys):
+    db, queries, exact = data
+    np.save(tmp_path / "db.npy", db[:2000])
+    np.save(tmp_path / "q.npy", queries[:5])
+    out_index = tmp_path / "g.dolgidx"
+    assert dolg_main(["index", "build", "--embeddings", str(tmp_path / "db.npy"), "--kind", "ivfpq", "--pq-m", "16",
+                      "--nlist", "16", "--out", str(out_index)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["kind"] == "ivfpq"
+    results = tmp_path / "r.json"
+    assert dolg_main(["index", "search", "--index", str(out_index), "--mmap", "--nprobe", "16", "--rerank", "8",
+                      "--queries", str(tmp_path / "q.npy"), "-k", "5", "--out", str(results)]) == 0
+    got = [r["ids"] for r in json.loads(results.read_text())["results"]]
+    want = np.argsort(-(queries[:5] @ db[:2000].T), axis=1, kind="stable")[:, :5]
+    assert recall(np.array(got), want, 5) >= 0.95
+    capsys.readouterr()
+
+
+def test_cli_says_which_file_goes_where(tmp_path, capsys):
+    np.save(tmp_path / "gallery.npy", np.ones((3, 4), np.float32))
+    (tmp_path / "gallery.ids.json").write_text(json.dumps({"ids": ["a", "b", "c"]}))
+    assert dolg_main(["index", "build", "--embeddings", str(tmp_path / "gallery.ids.json"),
+                      "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert "--embeddings" in err and "gallery.ids.json" in err and "goes to --ids" in err
+    assert "pickle" not in err and len(err.strip().splitlines()) == 1
+    assert dolg_main(["index", "build", "--embeddings", str(tmp_path / "gallery.npy"), "--ids",
+                      str(tmp_path / "gallery.npy"), "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert "--ids" in err and "goes to --embeddings" in err and len(err.strip().splitlines()) == 1
+    assert dolg_main(["index", "search", "--index", str(tmp_path / "g"), "--queries", str(tmp_path / "gallery.ids.json"),
+                      "--out", str(tmp_path / "r.json")]) == 2
+    assert "--queries" in capsys.readouterr().err

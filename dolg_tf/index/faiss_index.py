@@ -160,8 +160,8 @@ class Index:
             (default). DOLG embeddings are already unit-norm; turning this off
             keeps raw inner products.
         pq_m: IVF-PQ: sub-quantisers of 4 bits each (the code takes
-            ``pq_m / 2`` bytes); must divide ``dim``. Ignored when ``factory``
-            is given.
+            ``pq_m / 2`` bytes); must divide ``dim``. ``None``: ``dim // 4``
+            (128 for 512-d, 64-byte codes). Ignored when ``factory`` is given.
         factory: IVF-PQ: a faiss ``index_factory`` string describing an IVF
             index, e.g. ``"OPQ64,IVF65536,PQ64np"`` (8-bit codes; ``np`` skips
             polysemous training, which takes minutes and only serves Hamming
@@ -196,7 +196,7 @@ class Index:
         ef_construction: int = 100,
         ef_search: int = 128,
         normalize: bool = True,
-        pq_m: int = 128,
+        pq_m: int | None = None,
         factory: str | None = None,
         rerank: int = 4,
     ):
@@ -208,12 +208,13 @@ class Index:
             ("m", m),
             ("ef_construction", ef_construction),
             ("ef_search", ef_search),
-            ("pq_m", pq_m),
             ("rerank", rerank),
         ):
             _positive_int(name, value)
         if nlist is not None:
             _positive_int("nlist", nlist)
+        # 4-bit codes for groups of 4 dimensions: 1 bit per dimension, 64 bytes for 512-d DOLG descriptors
+        pq_m = max(1, int(dim) // 4) if pq_m is None else _positive_int("pq_m", pq_m)
         self.dim = int(dim)
         self.kind = kind
         self.normalize = bool(normalize)
