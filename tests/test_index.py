@@ -565,3 +565,21 @@ def test_cli_says_which_file_goes_where(tmp_path, capsys):
     assert dolg_main(["index", "search", "--index", str(tmp_path / "g"), "--queries", str(tmp_path / "gallery.ids.json"),
                       "--out", str(tmp_path / "r.json")]) == 2
     assert "--queries" in capsys.readouterr().err
+
+
+def test_search_shards_equals_one_index_over_the_whole_gallery(data):
+    from dolg_tf.index import search_shards
+
+    db, queries, exact = data
+    shards = []
+    for rows in np.array_split(np.arange(len(db)), 3):
+        shard = Index(64)
+        shard.add(db[rows], ids=rows)
+        shards.append(shard)
+    scores, ids = search_shards(shards, queries, 10)
+    np.testing.assert_array_equal(ids, exact[:, :10])
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ db.T, exact[:, :10], 1), atol=1e-5)
+    named = Index(64)
+    named.add(db[:5], ids=list("abcde"))
+    with pytest.raises(DataError, match="mix integer and string ids"):
+        search_shards([shards[0], named], queries, 3)

@@ -11,11 +11,18 @@
 Both take ``(N, dim)`` vectors with N unique ids (all non-negative integers or
 all non-empty strings) and answer ``search(queries, k) -> (scores, ids)``,
 each ``(Q, k)``, scores descending: the inner product of L2-normalised vectors
-(:class:`SearchIndex`). Importing this package imports numpy and faiss, never
+(:class:`SearchIndex`); :func:`search_shards` merges the answers of several
+indexes (shards of one gallery) by score. Importing this package imports numpy and faiss, never
 TensorFlow, Keras, :mod:`dolg_tf.model` or pymilvus (loaded on first use).
 """
 
-from dolg_tf.index.base import SearchIndex, brute_force_search, l2_normalize_rows, write_search_results
+from dolg_tf.index.base import (
+    SearchIndex,
+    brute_force_search,
+    l2_normalize_rows,
+    search_shards,
+    write_search_results,
+)
 from dolg_tf.index.faiss_index import (
     FORMAT_VERSION,
     KINDS,
@@ -36,5 +43,6 @@ __all__ = [
     "brute_force_search",
     "database_side_augmentation",
     "l2_normalize_rows",
+    "search_shards",
     "write_search_results",
 ]

@@ -166,3 +166,36 @@ def brute_force_search(queries: np.ndarray, database: np.ndarray, k: int, chunk:
         order = np.lexsort((cand_p, -cand_s), axis=1)[:, :k]
         best_s, best_p = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_p, order, 1)
     return best_s, best_p
+
+
+def search_shards(shards: Sequence[SearchIndex], queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k over several indexes (shards of one gallery), merged by score.
+
+    Each shard answers its own top-k; the union is ranked by score. With exact
+    scores (``"flat"``, or ``"ivfpq"`` after re-ranking) the merge is what one
+    index over the whole gallery would return (ids must be unique across
+    shards, and of one type). A 100M gallery can so be built and held as ten
+    10M shards, each built within one machine's RAM, searched on one machine
+    or one per machine.
+
+    Args:
+        shards: indexes following :class:`SearchIndex` (faiss or Milvus, mixed freely).
+        queries: float ``(Q, dim)``.
+        k: results per query.
+
+    Returns:
+        ``(scores, ids)``, each ``(Q, k')`` with ``k' = min(k, sum of shard sizes)``, scores descending;
+        missing results as in :meth:`dolg_tf.index.Index.search`.
+    """
+    if not shards:
+        raise ConfigError("search_shards needs at least one index")
+    k = _positive_int("k", k)
+    parts = [shard.search(queries, k) for shard in shards]
+    kinds = {ids.dtype.kind for _, ids in parts}
+    if len(kinds) > 1:
+        raise DataError("the shards mix integer and string ids: give every shard ids of one type")
+    scores = np.concatenate([s for s, _ in parts], axis=1)
+    ids = np.concatenate([i for _, i in parts], axis=1)
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
