@@ -583,3 +583,12 @@ def test_search_shards_equals_one_index_over_the_whole_gallery(data):
     named.add(db[:5], ids=list("abcde"))
     with pytest.raises(DataError, match="mix integer and string ids"):
         search_shards([shards[0], named], queries, 3)
+
+
+def test_ivfpq_keeps_its_own_copy_of_the_callers_vectors(data):
+    db, _, _ = data
+    x = db[:1000].copy()
+    index = Index(64, "ivfpq", nlist=4, normalize=False)
+    index.add(x)
+    x[:] = 0.0  # the caller reuses its buffer
+    np.testing.assert_allclose(index.vectors(), db[:1000], atol=0)

@@ -432,7 +432,11 @@ class Index:
         if self.kind == "ivfpq":
             if self.is_memory_mapped:
                 logger.warning("adding to a memory-mapped IVF-PQ index copies its %d exact vectors into RAM", self.ntotal)
-            self._vectors = np.concatenate([self._vectors, x]) if self.ntotal else x.copy()
+            if self.ntotal:
+                self._vectors = np.concatenate([self._vectors, x])
+            else:  # own the rows without a second copy when normalising already made one
+                aliased = isinstance(embeddings, np.ndarray) and np.may_share_memory(x, embeddings)
+                self._vectors = x.copy() if aliased else x
         self._ids = np.concatenate([self._ids, new_ids]) if self.ntotal else new_ids
         if self._faiss.ntotal != self._ids.shape[0]:  # faiss and the id list must never drift apart
             raise IndexFileError(f"faiss holds {self._faiss.ntotal} vectors but {self._ids.shape[0]} ids")
