@@ -23,6 +23,7 @@ import errno
 import json
 import logging
 import re
+import selectors
 import socket
 import sys
 import threading
@@ -563,23 +564,70 @@ def _lingering_close(sock: socket.socket, seconds: float = 2.0, limit: int = 1 <
             limit -= len(data)
 
 
-def _refuse_connection(sock: socket.socket, message: str) -> None:
-    """Answers a connection that is not served with 503 + ``Connection: close``, then closes it."""
+def _refusal(message: str) -> bytes:
     body = json.dumps({"error": message}).encode("utf-8")
     head = (
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode("ascii")
-    try:
-        sock.settimeout(1.0)
-        with contextlib.suppress(OSError):
-            sock.recv(1 << 16)  # the request, if it comes at once: unread data would reset the connection
-        sock.sendall(head + body)
-        _lingering_close(sock, seconds=5.0)
-    except OSError:
-        pass
-    finally:
+    return head + body
+
+
+class _Reaper:
+    """Closes refused connections gracefully, all in one thread.
+
+    A refused connection is answered at once, half-closed, then handed here:
+    what the client still sends is read and dropped (closing a socket with
+    unread data would reset it and destroy the answer) until it closes or
+    ``linger_s`` passes. Past ``limit`` sockets, new ones are closed at once.
+    """
+
+    def __init__(self, linger_s: float = 2.0, limit: int = 1024):
+        self.linger_s, self.limit = linger_s, limit
+        self._selector = selectors.DefaultSelector()
+        self._deadlines: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            if len(self._deadlines) >= self.limit:
+                sock.close()
+                return
+            sock.setblocking(False)
+            self._selector.register(sock, selectors.EVENT_READ)
+            self._deadlines[sock] = time.monotonic() + self.linger_s
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dolg-rest-reaper", daemon=True)
+                self._thread.start()
+
+    def _close(self, sock: socket.socket) -> None:
+        self._selector.unregister(sock)
+        del self._deadlines[sock]
         sock.close()
+
+    def _run(self) -> None:
+        while True:
+            events = self._selector.select(0.1)
+            with self._lock:
+                for key, _ in events:
+                    sock = key.fileobj
+                    if sock not in self._deadlines:
+                        continue
+                    try:
+                        data = sock.recv(1 << 16)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._close(sock)
+                now = time.monotonic()
+                for sock in [s for s, deadline in self._deadlines.items() if now > deadline]:
+                    self._close(sock)
+                if not self._deadlines:
+                    self._thread = None
+                    return
 
 
 class _Server(ThreadingHTTPServer):
@@ -598,7 +646,7 @@ class _Server(ThreadingHTTPServer):
         self._draining = False
         self._idle = threading.Condition()
         self._connections: dict[socket.socket, threading.Thread] = {}
-        self._refusing = threading.BoundedSemaphore(32)
+        self._reaper = _Reaper()
 
     def process_request(self, request, client_address):
         with self._idle:
@@ -617,17 +665,14 @@ class _Server(ThreadingHTTPServer):
             thread.start()
             return
         logger.debug("refusing a connection from %s: %s", client_address, refusal)
-        if self._refusing.acquire(blocking=False):  # bounded: a flood of refusals gets closed sockets
-
-            def refuse():
-                try:
-                    _refuse_connection(request, refusal)
-                finally:
-                    self._refusing.release()
-
-            threading.Thread(target=refuse, name="dolg-rest-refuse", daemon=True).start()
-        else:
+        try:  # answered before the request is read: no thread is spent on it
+            request.settimeout(0.5)
+            request.sendall(_refusal(refusal))
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
             request.close()
+            return
+        self._reaper.add(request)
 
     def shutdown_request(self, request):
         with self._idle:
