@@ -100,6 +100,22 @@ def _release_lite(uri: str) -> None:
     server_manager_instance.release_server(uri)
 
 
+def _wait_for_lite_background(uri: str, collection: str, timeout: float = 300.0) -> None:
+    """Waits for Milvus Lite's background compaction and index build of ``collection`` (best effort).
+
+    Milvus Lite 3.2.2 offers no call for it; this reaches its in-process engine, and does nothing
+    (with a debug log) where that layout differs.
+    """
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+
+        entry = server_manager_instance._servers.get(os.path.abspath(uri))
+        if entry is not None:
+            entry[1].get_collection(collection)._wait_for_bg(timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - an optional wait on another package's internals
+        logger.debug("could not wait for Milvus Lite's background index build: %s", err)
+
+
 def _close_client(client: Any, uri: str) -> None:
     client.close()
     if _is_lite(uri):
@@ -497,8 +513,10 @@ class MilvusIndex:
             self._call("insert", self._live().insert, self.collection, rows)
         self._call("flush", self._live().flush, self.collection)
         if _is_lite(self.uri):
-            # Milvus Lite searches rows added after load_collection exhaustively until the next load;
-            # a server hands flushed segments over to its index by itself.
+            # Milvus Lite searches rows added after load_collection exhaustively until the next load, and
+            # compacts and indexes flushed segments in a background thread (describe_index says "Finished"
+            # regardless): wait for that thread, then reload. A server hands segments to its index itself.
+            _wait_for_lite_background(self.uri, self.collection)
             self._call("release the collection", self._live().release_collection, self.collection)
             self._call("load the collection", self._live().load_collection, self.collection)
 
