@@ -22,9 +22,9 @@ HNSW        hnsw      ``m`` (32), ``ef_construction`` (100); search ``ef_search`
 IVF_PQ      ivfpq     ``nlist``, ``pq_m`` (64 sub-quantisers), ``nbits`` (8); search ``nprobe``
 =========== ========= =================================================
 
-Index parameters are sent in the nested form ``{"params": {...}}``, which
-Milvus servers accept and which is the only one Milvus Lite 3.2.2 reads (it
-ignores them passed flat, silently). After creating the index, the parameters
+Index parameters are sent in the nested form ``{"params": {...}}`` (one
+``params`` key holding JSON, which Milvus servers also parse), the only form
+Milvus Lite 3.2.2 reads (it ignores them passed flat, silently). After creating the index, the parameters
 Milvus reports (``describe_index``) are compared with the requested ones, and
 a mismatch is an error rather than a silently different index. Milvus Lite
 3.2.2 does not build IVF_PQ (it would search exhaustively without saying so),
@@ -449,8 +449,6 @@ class MilvusIndex:
             return
         if (ids.dtype.kind == "i") != (self.id_type == "int"):
             raise DataError(f"ids must all be of one type: the collection has {'integer' if self.id_type == 'int' else 'string'} ids")
-        if ids.dtype.kind == "i" and int(ids.max()) >= 2**63:
-            raise DataError(f"integer id {int(ids.max())} does not fit Milvus' INT64")
 
     def _id_filter(self, ids: list[Any]) -> str:
         """``id in [...]`` for Milvus' expression parser; string ids as escaped double-quoted literals."""
