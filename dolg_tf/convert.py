@@ -1,7 +1,7 @@
 """Convert the authors' released DOLG checkpoints (PyTorch, pycls ResNet) to Keras.
 
 The official checkpoint is a dict whose ``model_state`` entry is the model's
-``state_dict`` (``shared/reference/official_dolg_*.txt`` lists every entry).
+``state_dict`` (``tests/data/official_dolg_*_state_dict.tsv`` lists every entry).
 It is read with ``torch.load(..., weights_only=True)``: tensors and plain
 containers only, never an unrestricted unpickle. torch is imported here only
 (``pip install 'dolg-tf[convert]'``).

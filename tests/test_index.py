@@ -363,7 +363,7 @@ def test_ivf_query_expansion_then_more_adds_then_reload(tmp_path):
 # --------------------------------------------------------------------------- compressed kind (IVF-PQ + exact re-ranking)
 @pytest.fixture(scope="module", autouse=True)
 def one_faiss_thread():
-    """faiss' OpenMP k-means on tiny data crawls when its threads wait on busy cores; one thread does not."""
+    """faiss' OpenMP k-means on tiny data crawls when its threads outnumber free cores; one thread does not."""
     import faiss
 
     before = faiss.omp_get_max_threads()

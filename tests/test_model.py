@@ -32,7 +32,7 @@ def test_tiny_shapes_and_unit_norm(tiny, rng, b, h, w):
 
 
 def test_batch_of_one_equals_row_of_batch(tiny, rng):
-    # The seed's `.squeeze()` dropped the batch axis for one image.
+    # dongkyunk/DOLG-pytorch's `.squeeze()` dropped the batch axis for one image.
     x = _images(rng, 3, 64, 64)
     np.testing.assert_allclose(tiny(x[1:2]), np.asarray(tiny(x))[1:2], rtol=1e-4, atol=1e-5)
 
@@ -51,8 +51,9 @@ def test_resnet_presets_taps_and_outputs(preset, h, w, rng):
     np.testing.assert_allclose(np.linalg.norm(feats["embedding"], axis=-1), 1.0, rtol=1e-5)
 
 
-# Parameter counts of the official DOLG model without its margin head, from
-# shared/reference/official_dolg_*.txt. Our local conv has no bias (folded into
+# Parameter counts of the official DOLG model without its margin head, from the
+# official state-dict listings (tests/data/official_dolg_*_state_dict.tsv hold
+# three of the four). Our local conv has no bias (folded into
 # BN on conversion), hence "+ 1024".
 OFFICIAL_PARAMS = {
     ("resnet50", True): 45537346,

@@ -15,7 +15,7 @@ class GeM(keras.layers.Layer):
     ``GeM(x) = (mean_{h,w} max(x, eps)^p)^(1/p)`` per channel. ``p = 1`` is
     average pooling and ``p -> inf`` tends to max pooling. The exponent is a
     single trained scalar shared by all channels, as in the official DOLG code
-    (the seed's reimplementation froze it).
+    (dongkyunk/DOLG-pytorch froze it).
 
     The power is computed in float32 whatever the dtype policy: ``x^3`` of a
     ResNet activation overflows float16.

@@ -20,7 +20,8 @@ class LocalBranch(keras.layers.Layer):
     ``f = BN(conv1x1(x))``; the features are ``f`` L2-normalised over channels
     (taken before any ReLU); the attention map is
     ``softplus(conv1x1_to_1(relu(f)))``, one non-negative score per position
-    (the seed produced 1024 channels here); the output is attention * features.
+    (dongkyunk/DOLG-pytorch produced 1024 channels here); the output is
+    attention * features.
 
     Args:
         filters: int. Channels of the local features (1024 in the paper).

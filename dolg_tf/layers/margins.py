@@ -3,7 +3,7 @@
 All heads compute in float32 whatever the dtype policy (their own dtype
 defaults to ``"float32"``), clip cosines to [-1, 1] and take
 ``sin = sqrt(max(1 - cos^2, eps))`` so neither the value nor the gradient is
-NaN at ``cos = +-1`` (the seed's ArcFace produced NaN there).
+NaN at ``cos = +-1`` (dongkyunk/DOLG-pytorch's ArcFace produced NaN there).
 """
 
 from __future__ import annotations

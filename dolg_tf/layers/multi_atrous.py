@@ -20,9 +20,9 @@ class MultiAtrous(keras.layers.Layer):
     1x1 conv to ``out_filters`` and a ReLU. The image-pooling branch (global
     average pool -> 1x1 conv -> ReLU) is broadcast back to the input's own
     height and width at run time, which equals the official bilinear
-    upsampling of a 1x1 map, so any input size works (the seed fixed it at
-    construction). No batch norm, and no activation on the conv branches,
-    exactly as in the official module.
+    upsampling of a 1x1 map, so any input size works (dongkyunk/DOLG-pytorch
+    fixed it at construction). No batch norm, and no activation on the conv
+    branches, exactly as in the official module.
 
     Args:
         filters: int. Channels of each branch.

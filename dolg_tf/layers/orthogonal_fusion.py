@@ -20,9 +20,9 @@ class OrthogonalFusion(keras.layers.Layer):
     ``mean_hw(f_l)``; the layer pools first and projects once, which gives the
     same result as the paper's per-position projection with O(B*C) memory
     instead of O(B*H*W*C), and never broadcasts ``f_g`` over the map (the
-    seed's memory waste). The maths runs in float32 (``|f_g|^2`` overflows
-    float16) and ``eps`` keeps a zero global vector finite (the official code
-    divides by zero there).
+    memory waste of dongkyunk/DOLG-pytorch). The maths runs in float32
+    (``|f_g|^2`` overflows float16) and ``eps`` keeps a zero global vector
+    finite (the official code divides by zero there).
 
     Args:
         epsilon: float. Added to ``|f_g|^2``.

@@ -191,7 +191,7 @@ def _is_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# The paper's recipe (shared/DOLG.md): SGD 0.9 Nesterov, LR 0.01, cosine with 5 warm-up epochs,
+# The paper's recipe: SGD 0.9 Nesterov, LR 0.01, cosine with 5 warm-up epochs,
 # weight decay 1e-4, 100 epochs, 512x512 crops. The global batch is not in our notes; 64 is what
 # 8 GPUs x 8 images give and fits a 16 GB GPU per 8 images at 512x512.
 _PAPER = dict(
