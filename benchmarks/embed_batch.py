@@ -28,7 +28,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import select
 import shutil
 import statistics
@@ -39,18 +38,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+from _common import cpu_model  # noqa: E402 (benchmarks run by path)
+
 CLI = [sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())"]
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def _write_images(folder: str, count: int, seed: int = 0) -> list[bytes]:
@@ -208,7 +198,7 @@ def main() -> None:
         blobs = _write_images(folder, args.images)
         result = {
             "benchmark": "embed_batch",
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpus": os.cpu_count(),
             "size": args.size,
             "scales": list(args.scales),

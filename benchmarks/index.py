@@ -30,29 +30,11 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _common import cpu_model, rss_bytes  # noqa: E402 (benchmarks run by path)
 
 
 def _unit_rows(x):
@@ -141,7 +123,7 @@ def main() -> None:
         "queries": args.queries,
         "k": args.k,
         "data": args.data,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "faiss": faiss.__version__,
         "faiss_threads": faiss.omp_get_max_threads(),
@@ -160,9 +142,9 @@ def main() -> None:
     first_numpy_s, (_, exact) = timed(lambda: brute_force_search(queries, db, k))
     flat = None
     if "flat" in kinds:
-        rss = _rss_bytes()
+        rss = rss_bytes()
         build_s, flat = timed(lambda: _build(Index(args.dim, "flat", normalize=False), db))
-        flat_rss = _rss_bytes() - rss
+        flat_rss = rss_bytes() - rss
         flat.search(queries, k)  # warm-up
     # Without flat there is nothing to interleave with: the ground-truth pass is the numpy figure.
     numpy_times, flat_times = ([], []) if flat is not None else ([first_numpy_s], [])
@@ -186,7 +168,7 @@ def main() -> None:
     # --- approximate kinds, each setting interleaved with exact (flat) searches
     tmpdir = tempfile.mkdtemp(prefix="dolg-bench-index-", dir=args.tmpdir)
     for kind in [kd for kd in kinds if kd in ("ivf", "hnsw", "ivfpq")]:
-        rss = _rss_bytes()
+        rss = rss_bytes()
         entry: dict = {}
         if kind in ("ivf", "ivfpq"):
             nlist = args.nlist or int(min(max(1, round(4 * np.sqrt(n))), max(1, n // 39)))
@@ -210,18 +192,18 @@ def main() -> None:
         add_s, _ = timed(lambda: index.add(db))
         entry["add_s"] = round(add_s, 2)
         entry["build_s"] = round(add_s + entry.get("train_s", 0.0), 2)
-        entry["rss_growth_bytes"] = int(_rss_bytes() - rss)
+        entry["rss_growth_bytes"] = int(rss_bytes() - rss)
         if kind == "ivfpq":
             path = os.path.join(tmpdir, "ivfpq.dolgidx")
             save_s, _ = timed(lambda: index.save(path))
             del index
             gc.collect()
-            rss = _rss_bytes()
+            rss = rss_bytes()
             load_s, index = timed(lambda: Index.load(path, mmap=True))
             entry.update(
                 save_s=round(save_s, 2),
                 load_mmap_s=round(load_s, 2),
-                rss_growth_after_mmap_load_bytes=int(_rss_bytes() - rss),
+                rss_growth_after_mmap_load_bytes=int(rss_bytes() - rss),
                 disk_bytes_per_vector=round(os.path.getsize(path) / n, 1),
             )
         entry["bytes_per_vector"] = round(index.memory_bytes() / n, 1)

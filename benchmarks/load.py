@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
-import io
 import json
 import os
 import select
@@ -37,47 +36,13 @@ from collections import Counter
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+from _common import cpu_model, jpeg_photos, rss_bytes  # noqa: E402 (benchmarks run by path)
 
-
-def _photos(count: int, longer: int) -> list[bytes]:
-    from PIL import Image
-
-    from dolg_tf.demo_data import demo_photos
-
-    out = []
-    for image in list(demo_photos().values())[:count]:
-        im = Image.fromarray(image)
-        scale = longer / max(im.size)
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def _rss_mb(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
-
+    rss = rss_bytes(pid) if pid is not None else None
+    return None if rss is None else round(rss / 2**20, 1)
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -257,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             host, ports, pid = "127.0.0.1", {"grpc": ready["grpc_port"], "rest": ready["rest_port"]}, proc.pid
         else:
             host, ports, pid = args.address, {"grpc": args.grpc_port, "rest": args.rest_port}, args.server_pid
-        photos = _photos(max(batches), args.photo_size)
+        photos = jpeg_photos(max(batches), args.photo_size)
         rss_start = _rss_mb(pid)
         cells = []
         for batch in batches:
@@ -300,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_rss_mb": {"start": rss_start, "end": rss_end},
         "total_errors": sum(sum(c["errors"].values()) for c in cells),
         "wall_s": round(time.perf_counter() - t_start, 1),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
     }
     print(json.dumps(result), flush=True)

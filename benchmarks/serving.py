@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
-import io
 import json
 import os
 import select
@@ -37,22 +36,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+from _common import jpeg_photos  # noqa: E402 (benchmarks run by path)
 
-
-def _photos(count: int, longer: int) -> list[bytes]:
-    from PIL import Image
-
-    from dolg_tf.demo_data import demo_photos
-
-    out = []
-    for image in list(demo_photos().values())[:count]:
-        im = Image.fromarray(image)
-        scale = longer / max(im.size)
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
 
 
 def _start_server(base: str) -> tuple[subprocess.Popen, dict]:
@@ -106,7 +91,7 @@ def main() -> None:
     t0 = time.perf_counter()
     path = export_saved_model(build_dolg(args.preset), os.path.join(tmp, "dolg"), version=1, **options)
     export_s = time.perf_counter() - t0
-    images = _photos(max(batches), longer=640)
+    images = jpeg_photos(max(batches), longer=640)
     saved = tf.saved_model.load(path).signatures["serving_default"]
     proc, ports = _start_server(os.path.join(tmp, "dolg"))
 
