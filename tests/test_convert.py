@@ -100,24 +100,33 @@ def test_five_scale_parity_on_odd_sizes(r50_pair, rng, h, w):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def official_export(r50_pair, tmp_path_factory):
+    """The converted R50 + MultiAtrous, saved as .keras and exported by `dolg export --profile official`."""
+    from dolg_tf import cli
+
+    _, model, _ = r50_pair[True]
+    root = tmp_path_factory.mktemp("official")
+    model.save(root / "converted.keras")
+    base = root / "saved_models" / "dolg"
+    argv = ["export", "--model", str(root / "converted.keras"), "--out", str(base), "--profile", "official"]
+    assert cli.main([*argv, "--max-batch-size", "4"]) == 0
+    return base
+
+
 @pytest.mark.integration
-def test_official_profile_served_over_grpc_matches_the_authors_extractor(r50_pair, tmp_path):
+def test_official_profile_served_over_grpc_matches_the_authors_extractor(r50_pair, official_export):
     """Converted checkpoint -> `dolg export --profile official` -> `dolg serve` -> a JPEG over gRPC."""
     import grpc
     import tensorflow as tf
     from PIL import Image
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    from dolg_tf import cli
     from dolg_tf.demo_data import demo_photos
     from dolg_tf.quickstart import ServerProcess
 
-    module, model, _ = r50_pair[True]
-    keras_path = tmp_path / "converted.keras"
-    model.save(keras_path)
-    base = tmp_path / "saved_models" / "dolg"
-    argv = ["export", "--model", str(keras_path), "--out", str(base), "--profile", "official", "--max-batch-size", "4"]
-    assert cli.main(argv) == 0
+    module, _, _ = r50_pair[True]
+    base = official_export
     photo = Image.fromarray(demo_photos()["chelsea"])
     photo.thumbnail((149, 149))  # 99 x 149: 149 x 0.5 = 74.5 is a tie
     buf = io.BytesIO()
@@ -244,15 +253,12 @@ def test_cli_convert_writes_a_loadable_keras_model(r50_pair, tmp_path, rng, caps
     assert "could not load model file" in capsys.readouterr().err
 
 
-def test_converted_model_survives_savedmodel_round_trip(r50_pair, tmp_path, rng):
+def test_converted_model_survives_savedmodel_round_trip(r50_pair, official_export, rng):
     import tensorflow as tf
 
-    from dolg_tf.export import export_saved_model
-
     _, model, _ = r50_pair[True]
-    # image_size = the longer side, so the export's first resize keeps the size.
-    path = export_saved_model(model, tmp_path / "sm", scales=OFFICIAL_SCALES, image_size=112, warmup_batch_sizes=())
-    loaded = tf.saved_model.load(path)
+    # The official profile: no first resize, the five official scales.
+    loaded = tf.saved_model.load(str(official_export / "1"))
     pixels = rng.integers(0, 256, (2, 80, 112, 3), dtype=np.uint8)
     got = loaded.signatures["embed_pixels"](pixels=tf.constant(pixels))["embedding"].numpy()
     expected = np.asarray(multiscale_embed(model, pixels.astype("float32"), OFFICIAL_SCALES))
