@@ -504,10 +504,10 @@ def export_saved_model(
     # so a half-written export is never picked up; rename makes it appear whole.
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base_dir)
     try:
-        say(f"tracing the serving signatures ({config.resize} resize, scales {list(config.scales)})")
-        archive = _ExportModule(model, config).archive()
-        say("writing the SavedModel")
-        archive.write_out(tmp, verbose=False)
+        # ExportArchive traces the endpoints while it writes, so this one stage takes most of the time.
+        say(f"tracing the serving signatures and writing the SavedModel ({config.resize} resize, "
+            f"scales {list(config.scales)})")
+        _ExportModule(model, config).archive().write_out(tmp, verbose=False)
         extra = os.path.join(tmp, "assets.extra")
         os.makedirs(extra, exist_ok=True)
         if config.warmup_batch_sizes:
