@@ -28,7 +28,6 @@ import argparse
 import io
 import json
 import os
-import select
 import shutil
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-from _common import cpu_model  # noqa: E402 (benchmarks run by path)
+from _common import cpu_model, start_server  # noqa: E402 (benchmarks run by path)
 
 CLI = [sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())"]
 
@@ -65,21 +64,6 @@ def _write_images(folder: str, count: int, seed: int = 0) -> list[bytes]:
         with open(os.path.join(folder, f"img_{i:05d}.jpg"), "wb") as f:
             f.write(blobs[-1])
     return blobs
-
-
-def _start_server(base: str) -> tuple[subprocess.Popen, dict]:
-    cmd = [*CLI, "serve", "--model-base-path", base, "--port", "0", "--rest-api-port", "0", "--poll-seconds", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dolg serve exited with {proc.returncode}")
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline()
-            if line.startswith("{"):
-                return proc, json.loads(line)
-    proc.kill()
-    raise RuntimeError("dolg serve did not start")
 
 
 def _run_cli(args: list[str]) -> tuple[float, dict]:
@@ -115,7 +99,7 @@ def _bench_preset(preset: str, args, folder: str, blobs: list[bytes], tmp: str) 
         seconds = time.perf_counter() - t0
         return seconds, seconds, out
 
-    server, ports = _start_server(base)
+    server, ports = start_server(base)
     runs = {"n": 0}
 
     def via_serve() -> tuple[float, float, None]:

@@ -25,7 +25,6 @@ import base64
 import http.client
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from collections import Counter
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-from _common import cpu_model, jpeg_photos, rss_bytes  # noqa: E402 (benchmarks run by path)
+from _common import cpu_model, jpeg_photos, rss_bytes, start_server  # noqa: E402 (benchmarks run by path)
 
 
 
@@ -47,24 +46,6 @@ def _rss_mb(pid: int | None) -> float | None:
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def _start_server(base: str, extra: list[str]) -> tuple[subprocess.Popen, dict]:
-    cmd = [
-        sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
-        "serve", "--model-base-path", base, "--port", "0", "--rest-api-port", "0", "--poll-seconds", "0", *extra,
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dolg serve exited with {proc.returncode}")
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline()
-            if line.startswith("{"):
-                return proc, json.loads(line)
-    proc.kill()
-    raise RuntimeError("dolg serve did not start in 600 s")
 
 
 class _GrpcClient:
@@ -218,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                     build_dolg(args.preset), base, version=1, image_size=args.image_size, scales=scales,
                     max_batch_size=max(32, max(batches)),
                 )  # fmt: skip
-            proc, ready = _start_server(base, args.serve_args.split())
+            proc, ready = start_server(base, args.serve_args.split())
             host, ports, pid = "127.0.0.1", {"grpc": ready["grpc_port"], "rest": ready["rest_port"]}, proc.pid
         else:
             host, ports, pid = args.address, {"grpc": args.grpc_port, "rest": args.rest_port}, args.server_pid

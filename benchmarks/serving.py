@@ -26,9 +26,7 @@ import base64
 import http.client
 import json
 import os
-import select
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,26 +34,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-from _common import jpeg_photos  # noqa: E402 (benchmarks run by path)
+from _common import jpeg_photos, start_server  # noqa: E402 (benchmarks run by path)
 
-
-
-def _start_server(base: str) -> tuple[subprocess.Popen, dict]:
-    cmd = [
-        sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
-        "serve", "--model-base-path", base, "--port", "0", "--rest-api-port", "0", "--poll-seconds", "0",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dolg serve exited with {proc.returncode}")
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline()
-            if line.startswith("{"):
-                return proc, json.loads(line)
-    proc.kill()
-    raise RuntimeError("dolg serve did not start")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -93,7 +73,7 @@ def main() -> None:
     export_s = time.perf_counter() - t0
     images = jpeg_photos(max(batches), longer=640)
     saved = tf.saved_model.load(path).signatures["serving_default"]
-    proc, ports = _start_server(os.path.join(tmp, "dolg"))
+    proc, ports = start_server(os.path.join(tmp, "dolg"))
 
     def batch_of(b: int) -> list[bytes]:
         return [images[i % len(images)] for i in range(b)]
