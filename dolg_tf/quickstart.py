@@ -19,10 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from dolg_tf.errors import DolgError, ServingError
+from dolg_tf.errors import DolgError
+from dolg_tf.server.process import ServerProcess, cli_command
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +49,6 @@ class DemoResult:
     training: dict[str, Any] | None = None
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dolg_tf.cli", *args]
-
-
 def _stream(proc: subprocess.Popen, prefix: str, sink: list[str], echo: bool) -> None:
     for line in proc.stdout:
         sink.append(line)
@@ -65,7 +60,7 @@ def _stream(proc: subprocess.Popen, prefix: str, sink: list[str], echo: bool) ->
 def run_training(train_args: Sequence[str], echo: bool = True) -> dict[str, Any]:
     """Runs ``dolg train`` in a subprocess; returns its JSON summary (the TrainResult)."""
     proc = subprocess.Popen(
-        _cli("train", *train_args), stdout=subprocess.PIPE, stderr=None, text=True, bufsize=1
+        cli_command("train", *train_args), stdout=subprocess.PIPE, stderr=None, text=True, bufsize=1
     )
     lines: list[str] = []
     _stream(proc, "[train] ", lines, echo)
@@ -76,65 +71,6 @@ def run_training(train_args: Sequence[str], echo: bool = True) -> dict[str, Any]
         if line.startswith("{"):
             return json.loads(line)
     raise DolgError("training printed no JSON summary")
-
-
-class ServerProcess:
-    """``dolg serve`` on free loopback ports, as a context manager (SIGTERM on exit)."""
-
-    def __init__(self, base_path: str, model_name: str = "dolg", timeout: float = 180.0, extra: Sequence[str] = ()):
-        self.base_path, self.model_name, self.timeout, self.extra = base_path, model_name, timeout, list(extra)
-        self.proc: subprocess.Popen | None = None
-        self.info: dict[str, Any] = {}
-        self._lines: list[str] = []
-
-    def __enter__(self) -> ServerProcess:
-        self.proc = subprocess.Popen(
-            _cli(
-                "serve", "--model-base-path", self.base_path, "--model-name", self.model_name,
-                "--port", "0", "--rest-api-port", "0", *self.extra,
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            bufsize=1,
-        )
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stdout:
-                self._lines.append(line)
-                if line.startswith("{") and "grpc_port" in line and not ready.is_set():
-                    self.info = json.loads(line)
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + self.timeout
-        while not ready.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise ServingError(f"dolg serve did not start (exit {self.proc.returncode}): {''.join(self._lines)[-500:]}")
-        return self
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.info['grpc_port']}"
-
-    @property
-    def rest_target(self) -> str:
-        return f"127.0.0.1:{self.info['rest_port']}"
-
-    def stop(self) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else None
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def write_views(split, root: str) -> tuple[list[str], list[str]]:

@@ -123,7 +123,7 @@ def test_official_profile_served_over_grpc_matches_the_authors_extractor(r50_pai
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     from dolg_tf.demo_data import demo_photos
-    from dolg_tf.quickstart import ServerProcess
+    from dolg_tf.server.process import ServerProcess
 
     module, _, _ = r50_pair[True]
     base = official_export
