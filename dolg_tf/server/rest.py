@@ -40,7 +40,7 @@ from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 from dolg_tf.errors import ServingError
-from dolg_tf.server import grpc_service
+from dolg_tf.server.handlers import SIGNATURE_DEF_FIELD, model_metadata, model_status
 from dolg_tf.server.models import ModelManager
 from dolg_tf.server.preflight import port_in_use_error
 from dolg_tf.server.status import RequestError, invalid_argument, not_found
@@ -269,12 +269,12 @@ class RestApi:
                     f"Both model version ({version}) and model version label ({label}) cannot be supplied."
                 )
             if sub:
-                request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+                request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=[SIGNATURE_DEF_FIELD])
                 _fill_spec(request.model_spec, unquote(name), version, label)
-                return _metadata_json(grpc_service.model_metadata(self.manager, request))
+                return _metadata_json(model_metadata(self.manager, request))
             request = get_model_status_pb2.GetModelStatusRequest()
             _fill_spec(request.model_spec, unquote(name), version, label)
-            response = grpc_service.model_status(self.manager, request)
+            response = model_status(self.manager, request)
             return json_format.MessageToDict(response, always_print_fields_with_no_presence=True)
         raise invalid_argument(f"Malformed request: {method} {path}")
 
@@ -354,11 +354,11 @@ def _fill_spec(spec, name: str, version: str | None, label: str | None) -> None:
 def _metadata_json(response: get_model_metadata_pb2.GetModelMetadataResponse) -> dict:
     """TF Serving's metadata JSON: model_spec and the unpacked SignatureDefMap, proto field names kept."""
     signature_map = get_model_metadata_pb2.SignatureDefMap()
-    response.metadata["signature_def"].Unpack(signature_map)
+    response.metadata[SIGNATURE_DEF_FIELD].Unpack(signature_map)
     options = dict(preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     return {
         "model_spec": json_format.MessageToDict(response.model_spec, **options),
-        "metadata": {"signature_def": json_format.MessageToDict(signature_map, **options)},
+        "metadata": {SIGNATURE_DEF_FIELD: json_format.MessageToDict(signature_map, **options)},
     }
 
 

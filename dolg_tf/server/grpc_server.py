@@ -1,8 +1,9 @@
-"""TF Serving's gRPC API on the ``tensorflow-serving-api`` stubs: Predict, GetModelMetadata, GetModelStatus.
+"""TF Serving's gRPC API on the ``tensorflow-serving-api`` stubs: the servicers and the server.
 
-The request handling is written once against the protobuf messages
-(:func:`predict`, :func:`model_metadata`, :func:`model_status`); the gRPC
-servicers and the REST front end both call it.
+``PredictionService`` (Predict, GetModelMetadata) and ``ModelService``
+(GetModelStatus) turn a :class:`~dolg_tf.server.status.RequestError` from the
+protocol-neutral handlers in :mod:`dolg_tf.server.handlers` into the call's
+status code; :func:`start_grpc_server` binds and starts them.
 """
 
 from __future__ import annotations
@@ -11,63 +12,14 @@ import logging
 from concurrent import futures
 
 import grpc
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from dolg_tf.server.handlers import model_metadata, model_status, predict
 from dolg_tf.server.models import ModelManager
 from dolg_tf.server.preflight import port_in_use_error
-from dolg_tf.server.status import RequestError, invalid_argument
+from dolg_tf.server.status import RequestError
 
 logger = logging.getLogger(__name__)
-
-SIGNATURE_DEF_FIELD = "signature_def"
-
-
-def predict(manager: ModelManager, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-    """Runs a ``PredictRequest`` on the version its ``model_spec`` names."""
-    return manager.resolve_spec(request.model_spec).predict(request)
-
-
-def model_metadata(
-    manager: ModelManager, request: get_model_metadata_pb2.GetModelMetadataRequest
-) -> get_model_metadata_pb2.GetModelMetadataResponse:
-    """The version's ``SignatureDefMap`` packed under ``metadata["signature_def"]``, as TF Serving returns it."""
-    if not request.metadata_field:
-        raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
-    for name in request.metadata_field:
-        if name != SIGNATURE_DEF_FIELD:
-            raise invalid_argument(f"Metadata field {name} is not supported")
-    servable = manager.resolve_spec(request.model_spec)
-    response = get_model_metadata_pb2.GetModelMetadataResponse()
-    response.model_spec.name = servable.name
-    response.model_spec.version.value = servable.version
-    signature_map = get_model_metadata_pb2.SignatureDefMap()
-    for key, signature_def in servable.signature_defs.items():
-        signature_map.signature_def[key].CopyFrom(signature_def)
-    response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
-    return response
-
-
-def model_status(
-    manager: ModelManager, request: get_model_status_pb2.GetModelStatusRequest
-) -> get_model_status_pb2.GetModelStatusResponse:
-    """One ``ModelVersionStatus`` per version (or the one version / label asked for)."""
-    spec = request.model_spec
-    version = spec.version.value if spec.HasField("version") else None
-    label = spec.version_label if spec.WhichOneof("version_choice") == "version_label" else None
-    response = get_model_status_pb2.GetModelStatusResponse()
-    for number, state in manager.version_states(spec.name, version, label).items():
-        entry = response.model_version_status.add()
-        entry.version = number
-        entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(state.state)
-        entry.status.error_code = state.error_code.value[0]
-        entry.status.error_message = state.error_message
-    return response
 
 
 def _call(handler, manager, request, context):
