@@ -9,27 +9,20 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
 
-from dolg_tf.client.inputs import (
-    DEFAULT_MAX_IMAGE_BYTES,
-    DEFAULT_MAX_IMAGE_PIXELS,
-    Limits,
-    as_item_list,
-    precheck,
-    prepare,
-)
+from dolg_tf.client.inputs import Limits, as_item_list, precheck, prepare
+from dolg_tf.client.options import DEFAULT_MAX_MESSAGE_BYTES, ClientOptions, ProgressArg, check_option_names
 from dolg_tf.client.transports import (
     GrpcTransport,
     ModelInfo,
     ModelSpec,
     Rejected,
     RestTransport,
-    TlsOptions,
     TooLarge,
     Transient,
     VersionStatus,
@@ -41,11 +34,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("grpc", "rest", "saved_model")
 DEFAULT_TARGETS = {"grpc": "localhost:8500", "rest": "localhost:8501"}
-# Above the export's 20 MiB per-image limit even as base64 JSON, under dolg serve's
-# 64 MiB and TF Serving's 2 GiB. A plain gRPC server built with stock options takes 4 MiB.
-DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
-
-ProgressArg = bool | Callable[[int, int | None], Any]
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "Client", "ClientOptions", "embed", "pack_requests"]
 
 
 def pack_requests(
@@ -132,6 +121,18 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _option(name: str, settable: bool = False) -> property:
+    """A :class:`Client` attribute that reads ``client.options.<name>``; a settable one replaces the options."""
+
+    def get(self: Client) -> Any:
+        return getattr(self._options, name)
+
+    def set_(self: Client, value: Any) -> None:
+        self._options = self._options.replace(**{name: value})
+
+    return property(get, set_ if settable else None, doc=f"``options.{name}`` (see :class:`ClientOptions`).")
+
+
 class Client:
     """Embeds images with a DOLG model served by TF Serving (or ``dolg serve``), over gRPC or REST.
 
@@ -155,34 +156,20 @@ class Client:
         version: ask for this model version (default: the server's choice, the latest).
         version_label: ask for the version with this label (e.g. ``"stable"``);
             exclusive with ``version``.
-        timeout: seconds allowed for one request attempt.
-        retries: how many times one request is retried after UNAVAILABLE /
-            DEADLINE_EXCEEDED (REST: 429, 502, 503, 504, connection errors).
-        deadline: seconds one request may take in total, retries and backoff
-            included; past it, :class:`ServerUnavailableError`.
-        backoff: first retry delay in seconds; it doubles each retry up to
-            ``max_backoff``, each delay scaled by a random factor in [0.5, 1]
-            (jitter) so that many clients do not retry in step.
-        max_backoff: longest delay between two attempts.
-        wait_for_server: seconds to keep retrying while the first contact finds
-            no server (connection refused, unknown host). Default 0: a wiring
-            mistake is reported at once, naming the target. Once the server
-            has answered, failures are retried as above whatever this is.
-        tls: use TLS (implied by the certificate options).
-        root_certificates: CA certificates (PEM bytes or path); default: the system's.
-        client_certificate: client certificate chain for mutual TLS (PEM bytes or path).
-        client_key: private key of ``client_certificate`` (PEM bytes or path).
-        server_name: name to check in the server's certificate (gRPC; for IPs and tunnels).
-        credentials: ready-made ``grpc.ChannelCredentials`` (gRPC; overrides the TLS options).
-        headers: extra request metadata / HTTP headers (e.g. ``{"authorization": "Bearer ..."}``).
-        max_message_bytes: largest request sent; requests are split to stay under it.
-        batch_size: most images per request (the export refuses more than its
-            ``max_batch_size``, 32 by default).
-        max_in_flight: requests sent concurrently (1: one at a time, while the
-            next batch is read and encoded).
-        max_image_bytes: largest encoded image accepted (the server's limit).
-        max_image_pixels: largest image (height x width) accepted (the server's limit).
-        progress: default for :meth:`embed`'s ``progress``.
+        options: timeouts, retry policy, TLS, request sizes and progress, a
+            frozen :class:`ClientOptions` checked once (default: its defaults).
+        **option_values: any :class:`ClientOptions` field (``timeout=``,
+            ``retries=``, ``tls=``, ``batch_size=``...), applied over ``options``.
+
+    The options' retry and progress fields (``timeout``, ``retries``,
+    ``deadline``, ``backoff``, ``max_backoff``, ``wait_for_server``,
+    ``progress``) can be changed on a live client by assigning the attribute
+    of that name (the new value is checked as in :class:`ClientOptions`); the
+    others shape the channel or session and are fixed for the client's life.
+
+    Raises:
+        ConfigError: a bad option value, an unknown option name, or options
+            that do not fit the protocol.
 
     Example:
 
@@ -203,25 +190,8 @@ class Client:
         version: int | None = None,
         version_label: str | None = None,
         *,
-        timeout: float = 60.0,
-        retries: int = 10,
-        deadline: float = 120.0,
-        backoff: float = 0.25,
-        max_backoff: float = 8.0,
-        wait_for_server: float = 0.0,
-        tls: bool = False,
-        root_certificates: bytes | str | os.PathLike | None = None,
-        client_certificate: bytes | str | os.PathLike | None = None,
-        client_key: bytes | str | os.PathLike | None = None,
-        server_name: str | None = None,
-        credentials: Any = None,
-        headers: Mapping[str, str] | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        batch_size: int = 8,
-        max_in_flight: int = 1,
-        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        progress: ProgressArg = False,
+        options: ClientOptions | None = None,
+        **option_values: Any,
     ):
         if protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -231,22 +201,13 @@ class Client:
             raise ConfigError(f"version must be a non-negative int, got {version!r}")
         if version is not None and version_label:
             raise ConfigError("give either version or version_label, not both")
-        for name, value in (("timeout", timeout), ("deadline", deadline), ("backoff", backoff), ("max_backoff", max_backoff)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
-        for name, value in (
-            ("retries", retries),
-            ("max_message_bytes", max_message_bytes),
-            ("batch_size", batch_size),
-            ("max_in_flight", max_in_flight),
-            ("max_image_bytes", max_image_bytes),
-            ("max_image_pixels", max_image_pixels),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "retries" else 1):
-                raise ConfigError(f"{name} must be a {'non-negative' if name == 'retries' else 'positive'} int, got {value!r}")
-        if isinstance(wait_for_server, bool) or not isinstance(wait_for_server, (int, float)) or wait_for_server < 0:
-            raise ConfigError(f"wait_for_server must be a number of seconds >= 0, got {wait_for_server!r}")
-        if credentials is not None and protocol != "grpc":
+        if options is None:
+            options = ClientOptions(**check_option_names(option_values))
+        elif not isinstance(options, ClientOptions):
+            raise ConfigError(f"options must be a ClientOptions, got {type(options).__name__}")
+        elif option_values:
+            options = options.replace(**option_values)
+        if options.credentials is not None and protocol != "grpc":
             raise ConfigError("credentials (grpc.ChannelCredentials) apply to protocol='grpc' only")
         if target is None:
             if protocol == "saved_model":
@@ -258,41 +219,52 @@ class Client:
         self.target = target
         self.protocol = protocol
         self.spec = ModelSpec(model_name, signature_name, version, version_label)
-        self.timeout = float(timeout)
-        self.retries = retries
-        self.deadline = float(deadline)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
-        self.wait_for_server = float(wait_for_server)
+        self._options = options
         # Until the server has answered once, "nobody listens there" is a wiring mistake, not an outage.
         self._contacted = protocol == "saved_model"
-        self.batch_size = batch_size
-        self.max_in_flight = max_in_flight
-        self.progress = progress
-        self.limits = Limits(max_image_bytes, max_image_pixels)
         # Lowered when the server refuses a whole batch but accepts its halves (its batch limit is smaller).
-        self._batch_limit = batch_size
+        self._batch_limit = options.batch_size
         self._info: ModelInfo | None = None
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
         self._warned_norm = False
-        tls_options = TlsOptions(tls, root_certificates, client_certificate, client_key, server_name)
+        headers = dict(options.headers) or None
         if protocol == "grpc":
             self._transport = GrpcTransport(
-                self.target, self.spec, max_message_bytes=max_message_bytes, tls=tls_options,
-                credentials=credentials, headers=headers,
+                self.target, self.spec, max_message_bytes=options.max_message_bytes, tls=options.tls_options,
+                credentials=options.credentials, headers=headers,
             )
         elif protocol == "rest":
             self._transport = RestTransport(
-                self.target, self.spec, max_message_bytes=max_message_bytes, tls=tls_options,
-                headers=headers, pool_size=max(4, max_in_flight),
+                self.target, self.spec, max_message_bytes=options.max_message_bytes, tls=options.tls_options,
+                headers=headers, pool_size=max(4, options.max_in_flight),
             )
         else:
             from dolg_tf.client.local import SavedModelTransport
 
             self._transport = SavedModelTransport(self.target, self.spec)
-        self.max_message_bytes = min(max_message_bytes, self._transport.max_message_bytes)
+        self.max_message_bytes = min(options.max_message_bytes, self._transport.max_message_bytes)
+
+    @property
+    def options(self) -> ClientOptions:
+        """The client's frozen :class:`ClientOptions`."""
+        return self._options
+
+    timeout = _option("timeout", settable=True)
+    retries = _option("retries", settable=True)
+    deadline = _option("deadline", settable=True)
+    backoff = _option("backoff", settable=True)
+    max_backoff = _option("max_backoff", settable=True)
+    wait_for_server = _option("wait_for_server", settable=True)
+    progress = _option("progress", settable=True)
+    batch_size = _option("batch_size")
+    max_in_flight = _option("max_in_flight")
+
+    @property
+    def limits(self) -> Limits:
+        """The per-image limits (``max_image_bytes``, ``max_image_pixels``) checked before sending."""
+        return self._options.limits
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -474,22 +446,23 @@ class Client:
             ServerUnavailableError: a request kept failing until its deadline.
         """
         items, _ = as_item_list(images)
+        limits = self.limits
         if isinstance(items, Sequence):
             for index, item in enumerate(items):  # cheap checks first: fail before any server work
-                precheck(item, index, self.limits)
+                precheck(item, index, limits)
         info = self.check()
         total = len(items) if isinstance(items, Sequence) else None
         bar = _Progress(self.progress if progress is None else progress, total)
         try:
-            parts = self._embed_batches(items, bar)
+            parts = self._embed_batches(items, bar, limits)
         finally:
             bar.close()
         if not parts:
             return np.zeros((0, info.embedding_dim or 0), np.float32)
         return np.concatenate([emb for _, emb in sorted(parts, key=lambda p: p[0])])
 
-    def _embed_batches(self, items: Iterable[Any], bar: _Progress) -> list[tuple[int, np.ndarray]]:
-        encoded = ((i, prepare(item, i, self.limits)) for i, item in enumerate(items))
+    def _embed_batches(self, items: Iterable[Any], bar: _Progress, limits: Limits) -> list[tuple[int, np.ndarray]]:
+        encoded = ((i, prepare(item, i, limits)) for i, item in enumerate(items))
         batches = pack_requests(
             encoded, lambda: self._batch_limit, self.max_message_bytes,
             self._transport.item_cost, self._transport.fixed_cost(),
@@ -560,7 +533,8 @@ def embed(images: Any, **client_options: Any) -> np.ndarray:
     Args:
         images: see :meth:`Client.embed`.
         **client_options: :class:`Client` arguments (``target``, ``protocol``,
-            ``model_name``, ``batch_size``, ``progress``...).
+            ``model_name``, ``options``) and :class:`ClientOptions` fields
+            (``batch_size``, ``progress``, ``timeout``...).
 
     Returns:
         float32 ``(N, D)``, L2-normalised rows in input order.
