@@ -639,7 +639,10 @@ def evaluate_revisited(
         root: folder holding ``<dataset>/jpg`` and ``<dataset>/gnd_<dataset>.pkl`` (or ``.json``).
         dataset: ``"roxford5k"``, ``"rparis6k"`` or the folder name of a dataset of your own.
         embed_fn: see :func:`embed_revisited`.
-        kappas, batch_size, max_side, progress: see :func:`compute_map` and :func:`embed_revisited`.
+        kappas: see :func:`compute_map`.
+        batch_size: see :func:`embed_revisited`.
+        max_side: see :func:`embed_revisited`.
+        progress: see :func:`embed_revisited`.
 
     Returns:
         ``{"dataset", "num_queries", "num_images", "easy", "medium", "hard"}``,
