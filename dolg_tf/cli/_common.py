@@ -59,10 +59,11 @@ def parse_kappas(text: str) -> tuple[int, ...]:
 
 # --------------------------------------------------------------------------- TF Serving client flags
 def add_client_arguments(parser: argparse.ArgumentParser, *, server_flag: bool = True) -> None:
-    """Adds the flags of a :class:`dolg_tf.client.Client` (server, protocol, model, TLS, timeouts, retries).
+    """Adds the flags of a :class:`dolg_tf.client.Client`: server, protocol, model, TLS, timeouts, retries.
 
     ``dolg embed`` and ``dolg evaluate`` share them through this function, so both
-    commands take the same flags with the same defaults. ``server_flag=False``
+    commands take the same flags with the same defaults; :func:`client_options_from_args`
+    turns them into a :class:`dolg_tf.client.ClientOptions`. ``server_flag=False``
     leaves ``--server`` out (a command that adds it itself, e.g. to a group).
     """
     if server_flag:
@@ -76,44 +77,60 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, server_flag: bool =
     version = parser.add_mutually_exclusive_group()
     version.add_argument("--version", type=int, default=None, help="model version (default: the latest served)")
     version.add_argument("--version-label", default=None, help="model version label, e.g. stable")
-    parser.add_argument("--timeout", type=positive_float, default=60.0,
-                        help="seconds per request attempt (default: 60)")
-    parser.add_argument("--deadline", type=positive_float, default=120.0,
-                        help="seconds per request, retries included (default: 120)")
-    parser.add_argument("--retries", type=non_negative_int, default=10,
-                        help="retries of an unavailable / timed-out request once the server has answered "
-                             "(default: 10)")
-    parser.add_argument("--wait-for-server", type=non_negative_float, default=0.0, metavar="SECONDS",
-                        help="keep retrying this long while no server listens yet (default: 0, report at once)")
-    parser.add_argument("--max-message-bytes", type=positive_int, default=32 << 20,
-                        help="largest request (default: 32 MiB)")
-    parser.add_argument("--tls", action="store_true", help="connect with TLS")
-    parser.add_argument("--root-certificates", default=None, metavar="PEM", help="CA bundle (PEM) for TLS")
-    parser.add_argument("--client-certificate", default=None, metavar="PEM",
-                        help="client certificate (PEM) for mutual TLS")
-    parser.add_argument("--client-key", default=None, metavar="PEM", help="client private key (PEM) for mutual TLS")
+    group = parser.add_argument_group("client: timeouts and retries")
+    group.add_argument("--timeout", type=positive_float, default=60.0,
+                       help="seconds per request attempt (default: 60)")
+    group.add_argument("--deadline", type=positive_float, default=120.0,
+                       help="seconds per request, retries included (default: 120)")
+    group.add_argument("--retries", type=non_negative_int, default=10,
+                       help="retries of an unavailable / timed-out request once the server has answered "
+                            "(default: 10)")
+    group.add_argument("--wait-for-server", type=non_negative_float, default=0.0, metavar="SECONDS",
+                       help="keep retrying this long while no server listens yet (default: 0, report at once)")
+    group.add_argument("--max-message-bytes", type=positive_int, default=32 << 20,
+                       help="largest request (default: 32 MiB)")
+    tls = parser.add_argument_group("client: TLS")
+    tls.add_argument("--tls", action="store_true", help="connect with TLS (implied by the certificate flags)")
+    tls.add_argument("--root-certificates", default=None, metavar="PEM", help="CA bundle (PEM) for TLS")
+    tls.add_argument("--client-certificate", default=None, metavar="PEM",
+                     help="client certificate (PEM) for mutual TLS")
+    tls.add_argument("--client-key", default=None, metavar="PEM", help="client private key (PEM) for mutual TLS")
+    tls.add_argument("--server-name", default=None, metavar="NAME",
+                     help="gRPC: name to check in the server's certificate (for an IP address or a tunnel)")
+
+
+def client_options_from_args(args: argparse.Namespace, **options):
+    """The :class:`dolg_tf.client.ClientOptions` of the flags of :func:`add_client_arguments`.
+
+    ``options`` are further ``ClientOptions`` fields (``batch_size``, ``progress``...).
+
+    Raises:
+        ConfigError: a value the options refuse.
+    """
+    from dolg_tf.client import ClientOptions
+
+    return ClientOptions(
+        timeout=args.timeout, deadline=args.deadline, retries=args.retries, wait_for_server=args.wait_for_server,
+        max_message_bytes=args.max_message_bytes, tls=args.tls, root_certificates=args.root_certificates,
+        client_certificate=args.client_certificate, client_key=args.client_key, server_name=args.server_name,
+        **options,
+    )  # fmt: skip
 
 
 def client_from_args(args: argparse.Namespace, *, saved_model: str | None = None, **options):
     """A :class:`dolg_tf.client.Client` from the flags of :func:`add_client_arguments`.
 
-    With ``saved_model`` the model runs in this process (no server, no network
-    flags). ``options`` are further ``Client`` arguments (``batch_size``...).
+    With ``saved_model`` the model runs in this process (no server; the network
+    flags have no effect). ``options`` are further ``ClientOptions`` fields
+    (``batch_size``...).
     """
     from dolg_tf.client import Client
 
-    common = dict(
-        model_name=args.model_name, signature_name=args.signature, version=args.version,
-        version_label=args.version_label, timeout=args.timeout, deadline=args.deadline, retries=args.retries,
-        max_message_bytes=args.max_message_bytes, **options,
-    )  # fmt: skip
+    model = dict(model_name=args.model_name, signature_name=args.signature, version=args.version,
+                 version_label=args.version_label, options=client_options_from_args(args, **options))
     if saved_model:
-        return Client(saved_model, protocol="saved_model", **common)
-    return Client(
-        args.server, protocol=args.protocol, wait_for_server=args.wait_for_server, tls=args.tls,
-        root_certificates=args.root_certificates, client_certificate=args.client_certificate,
-        client_key=args.client_key, **common,
-    )  # fmt: skip
+        return Client(saved_model, protocol="saved_model", **model)
+    return Client(args.server, protocol=args.protocol, **model)
 
 
 # --------------------------------------------------------------------------- TensorFlow start-up

@@ -12,8 +12,8 @@ Inputs, mixed freely:
 
 Writes the embeddings as a float32 ``(N, D)`` ``.npy`` (``--out``) and a JSON
 file ``{"ids": [...], "model": ..., "version": ..., ...}`` (``--ids``, default
-``<out>.ids.json``), both atomically (temporary file + rename). ``dolg index
-build`` reads both.
+``<out>.ids.json``), both atomically (temporary file + rename), with
+:func:`dolg_tf.embeddings.save`. ``dolg index build`` reads both.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import os
 import sys
 import time
 
-from dolg_tf.cli._common import add_client_arguments, import_tensorflow_quietly, positive_int
+from dolg_tf.cli._common import add_client_arguments, client_from_args, import_tensorflow_quietly, positive_int
 from dolg_tf.errors import DataError, InvalidImageError
-from dolg_tf.fileio import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 _MAX_LIST_BYTES = 256 << 20  # a list file is text; refuse anything absurd before reading it
@@ -118,20 +117,21 @@ def collect_inputs(inputs: list[str], root: str | None = None) -> tuple[list[str
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from dolg_tf.cli._common import client_from_args
+    from dolg_tf import embeddings
 
     if not args.out.endswith(".npy"):
         raise DataError(f"--out must name a .npy file, got {args.out!r}")
     out = os.path.abspath(args.out)
-    ids_path = os.path.abspath(args.ids or args.out[: -len(".npy")] + ".ids.json")
+    ids_path = os.path.abspath(args.ids or embeddings.ids_path_for(args.out))
     paths, ids, origins = _collect(args.inputs, args.root)
     if args.saved_model:
         import_tensorflow_quietly()
     options = dict(batch_size=args.batch_size, max_in_flight=args.max_in_flight, progress=not args.no_progress)
     client = client_from_args(args, saved_model=args.saved_model, **options)
-    source = f"saved_model:{os.path.abspath(args.saved_model)}" if args.saved_model else f"{args.protocol}://{client.target}"
+    if args.saved_model:
+        source = f"saved_model:{os.path.abspath(args.saved_model)}"
+    else:
+        source = f"{args.protocol}://{client.target}"
     t0 = time.perf_counter()
     with client:
         info = client.check()
@@ -144,18 +144,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             where = os.path.abspath(paths[err.index]) + (f" ({origin})" if origin else "")
             raise InvalidImageError(f"{where}: {err.reason}") from None
     seconds = time.perf_counter() - t0
-    atomic_write(out, lambda f: np.save(f, emb.astype(np.float32), allow_pickle=False))
-    meta = {
-        "ids": ids,
-        "count": len(ids),
-        "dim": int(emb.shape[1]),
-        "model": info.model_name,
-        "version": info.version,
-        "signature": info.signature_name,
-        "source": source,
-        "embeddings": os.path.basename(out),
-    }
-    atomic_write(ids_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    metadata = {"model": info.model_name, "version": info.version, "signature": info.signature_name, "source": source}
+    embeddings.save(out, emb, ids, ids_path=ids_path, metadata=metadata)
     summary = {
         "images": len(ids),
         "dim": int(emb.shape[1]),
@@ -187,7 +177,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="embeddings file to write (.npy, float32 (N, D))")
     p.add_argument("--ids", default=None, help="ids JSON to write (default: <out without .npy>.ids.json)")
     p.add_argument("--root", default=None, help="folder that relative paths in list files are relative to")
-    p.add_argument("--saved-model", default=None, help="embed in this process with this SavedModel (base or version dir); no server")
+    p.add_argument("--saved-model", default=None,
+                   help="embed in this process with this SavedModel (base or version dir); no server")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per request (default: 8)")
     p.add_argument("--max-in-flight", type=positive_int, default=2, help="concurrent requests (default: 2)")
     add_client_arguments(p)

@@ -21,9 +21,8 @@ from dolg_tf.cli._common import (
     parse_scales,
     positive_int,
 )
-from dolg_tf.cli.index import load_embeddings
 from dolg_tf.errors import DataError
-from dolg_tf.fileio import atomic_write, atomic_write_json
+from dolg_tf.fileio import atomic_write_json
 
 
 def _keras_embed_fn(path: str, scales):
@@ -68,8 +67,7 @@ def _rank(query_emb, db_emb, args: argparse.Namespace):
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-
+    from dolg_tf import embeddings
     from dolg_tf.evaluate import embed_revisited, load_revisited, revisited_map
 
     data = load_revisited(args.data, args.dataset)
@@ -77,8 +75,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         import_tensorflow_quietly()
     t0 = time.perf_counter()
     if args.embeddings:
-        query_emb = load_embeddings(os.path.join(args.embeddings, "queries.npy"))
-        db_emb = load_embeddings(os.path.join(args.embeddings, "db.npy"))
+        query_emb = embeddings.read_embeddings(os.path.join(args.embeddings, "queries.npy"), name="--embeddings")
+        db_emb = embeddings.read_embeddings(os.path.join(args.embeddings, "db.npy"), name="--embeddings")
         if query_emb.shape[0] != len(data.qimlist) or db_emb.shape[0] != len(data.imlist):
             raise DataError(
                 f"{args.embeddings}: {query_emb.shape[0]} query and {db_emb.shape[0]} database embeddings, "
@@ -101,8 +99,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 query_emb, db_emb = embed_revisited(data, lambda images: client.embed(images, progress=False), **options)
         if args.save_embeddings:
             for name, emb in (("queries.npy", query_emb), ("db.npy", db_emb)):
-                path = os.path.join(args.save_embeddings, name)
-                atomic_write(path, lambda f, emb=emb: np.save(f, emb, allow_pickle=False))
+                embeddings.save(os.path.join(args.save_embeddings, name), emb)
     embed_s = time.perf_counter() - t0
     metrics = revisited_map(_rank(query_emb, db_emb, args), data.gnd, args.kappas)
     summary = {

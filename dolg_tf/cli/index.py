@@ -10,79 +10,6 @@ import time
 from dolg_tf.cli._common import non_negative_float, positive_int
 from dolg_tf.errors import ConfigError, DataError
 
-_MAX_IDS_BYTES = 1 << 30  # an id list file is text; refuse anything absurd before reading it
-_NPY_MAGIC = b"\x93NUMPY"
-
-
-def _sniff(path: str) -> str:
-    """``"npy"``, ``"text"`` (JSON or a list of lines) or ``"other"``, from the file's first bytes."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError:
-        return "unreadable"
-    if head.startswith(_NPY_MAGIC):
-        return "npy"
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return "other"
-    return "text"
-
-
-def load_embeddings(path: str, flag: str = "--embeddings"):
-    """A 2-D float ``.npy`` file (no pickle), as float32.
-
-    A JSON or text file (an id list given to the wrong flag) gets an error
-    saying which file goes where, instead of numpy's message about pickles.
-    """
-    import numpy as np
-
-    if _sniff(path) == "text":
-        raise DataError(
-            f"{flag} {path!r} is a text file (an id list?), not a .npy array: {flag} takes the (N, D) float .npy "
-            "that `dolg embed` writes (e.g. gallery.npy); the ids file beside it (e.g. gallery.ids.json) goes to --ids"
-        )
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {flag} {path!r} (expected a (N, D) float .npy array): {err}") from err
-    if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype.kind not in "fiu":
-        what = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else "an .npz archive"
-        raise DataError(f"{flag} {path!r}: embeddings must be a 2-D numeric array, got {what}")
-    return arr.astype(np.float32, copy=False)
-
-
-def load_ids(path: str, flag: str = "--ids") -> list:
-    """Ids from ``.json`` (a list of ints or strings, or ``{"ids": [...]}``) or ``.txt`` (one string per line)."""
-    if _sniff(path) == "npy":
-        raise DataError(
-            f"{flag} {path!r} is a .npy array (the embeddings?), not an id list: the .npy goes to --embeddings "
-            f"(or --queries), and {flag} takes a .json list or a .txt file of ids (e.g. gallery.ids.json)"
-        )
-    try:
-        if os.path.getsize(path) > _MAX_IDS_BYTES:
-            raise DataError(f"{path!r} is larger than {_MAX_IDS_BYTES} bytes")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as err:
-        raise DataError(f"cannot read ids {path!r}: {err.strerror or err}") from err
-    except UnicodeDecodeError as err:
-        raise DataError(f"{flag} {path!r} is not UTF-8 text: ids are a .json list or a .txt file, one id per line") from err
-    if path.endswith(".json"):
-        try:
-            ids = json.loads(text)
-        except ValueError as err:
-            raise DataError(f"{path!r} is not valid JSON: {err}") from err
-        if isinstance(ids, dict) and "ids" in ids:
-            ids = ids["ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in ids):
-            raise DataError(f"{path!r}: expected a JSON list of integers or strings")
-        return ids
-    if path.endswith(".txt"):
-        return [line for line in text.splitlines() if line]
-    raise DataError(f"{path!r}: ids must be a .json or .txt file")
-
 
 def _need(args: argparse.Namespace, backend: str, *names: str) -> None:
     missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
@@ -148,8 +75,10 @@ def _build_milvus(args: argparse.Namespace, x, ids) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    x = load_embeddings(args.embeddings)
-    ids = load_ids(args.ids) if args.ids else None
+    from dolg_tf.embeddings import read_embeddings, read_ids
+
+    x = read_embeddings(args.embeddings, name="--embeddings", ids_name="--ids")
+    ids = read_ids(args.ids, name="--ids", embeddings_name="--embeddings") if args.ids else None
     if args.backend == "milvus":
         return _build_milvus(args, x, ids)
     from dolg_tf.index import Index
@@ -190,10 +119,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from dolg_tf.embeddings import read_embeddings, read_ids
     from dolg_tf.index import write_search_results
 
-    queries = load_embeddings(args.queries, "--queries")
-    query_ids = load_ids(args.query_ids, "--query-ids") if args.query_ids else list(range(queries.shape[0]))
+    queries = read_embeddings(args.queries, name="--queries", ids_name="--query-ids")
+    if args.query_ids:
+        query_ids = read_ids(args.query_ids, name="--query-ids", embeddings_name="--queries")
+    else:
+        query_ids = list(range(queries.shape[0]))
     if len(query_ids) != queries.shape[0]:
         raise DataError(f"{len(query_ids)} query ids for {queries.shape[0]} queries")
     if args.backend == "milvus":
