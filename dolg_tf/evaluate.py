@@ -514,7 +514,7 @@ def load_revisited(root: str | os.PathLike, dataset: str) -> RevisitedDataset:
         origin = "the revisitop download" if name in REVISITED_DATASETS else "a revisitop-format pickle"
         raise DataError(
             f"no ground truth for dataset {name!r}: expected {os.path.abspath(candidates[0])} "
-            f"(JSON, see the README's evaluation section) or {os.path.abspath(candidates[1])} ({origin})"
+            f"(JSON, schema in docs/evaluation.md) or {os.path.abspath(candidates[1])} ({origin})"
         )
     data = read_ground_truth(gnd_path)
     return RevisitedDataset(name, directory, data["imlist"], data["qimlist"], data["gnd"])

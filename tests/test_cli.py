@@ -45,7 +45,7 @@ def _subcommands(parser: argparse.ArgumentParser):
 
 def test_every_subcommand_has_a_description_in_its_help():
     found = dict(_subcommands(build_parser()))
-    # The commands the README documents, and the nested actions of the grouped ones.
+    # The commands the docs document, and the nested actions of the grouped ones.
     assert {"train", "export", "serve", "embed", "index", "evaluate", "convert", "data", "show", "info", "demo",
             "build", "search", "inspect", "to-tfrecord"} <= set(found)  # fmt: skip
     missing = [sub.prog for sub in found.values() if not (sub.description or "").strip()]

@@ -455,7 +455,7 @@ def test_cli_evaluate_with_saved_embeddings(tmp_path, capsys):
 
 
 def test_cli_evaluate_a_dataset_of_your_own_with_a_json_ground_truth(tmp_path, capsys):
-    # The README's JSON schema, images named with their own suffix (PNG here).
+    # The JSON schema of docs/evaluation.md, images named with their own suffix (PNG here).
     folder = tmp_path / "shops" / "jpg"
     folder.mkdir(parents=True)
     colours = {"red": (220, 20, 20), "green": (20, 220, 20), "blue": (20, 20, 220)}

@@ -132,7 +132,7 @@ def register(sub) -> None:
         description="Evaluates on ROxford5k / RParis6k laid out as the revisitop download: "
         "ROOT/<dataset>/jpg/*.jpg and ROOT/<dataset>/gnd_<dataset>.pkl (read with a restricted unpickler) "
         "or gnd_<dataset>.json (preferred). Any other dataset name is a dataset of your own in the same "
-        "layout (the README's evaluation section gives the JSON ground-truth schema). Queries are cropped "
+        "layout (docs/evaluation.md gives the JSON ground-truth schema). Queries are cropped "
         "to their bounding box.",
     )
     ev.add_argument("--data", required=True, metavar="ROOT", help="folder holding <dataset>/jpg and <dataset>/gnd_<dataset>.pkl")
