@@ -10,6 +10,8 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+from dolg_tf.export.contract import DEFAULT_SIGNATURE
+
 
 def _number(text: str, cast: Callable[[str], float], ok: Callable[[float], bool], expected: str):
     try:
@@ -73,7 +75,9 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, server_flag: bool =
     parser.add_argument("--protocol", choices=("grpc", "rest"), default="grpc",
                         help="grpc (port 8500) or rest (port 8501) (default: grpc)")
     parser.add_argument("--model-name", default="dolg", help="served model name (default: dolg)")
-    parser.add_argument("--signature", default="serving_default", help="signature name (default: serving_default)")
+    parser.add_argument(
+        "--signature", default=DEFAULT_SIGNATURE, help=f"signature name (default: {DEFAULT_SIGNATURE})"
+    )
     version = parser.add_mutually_exclusive_group()
     version.add_argument("--version", type=int, default=None, help="model version (default: the latest served)")
     version.add_argument("--version-label", default=None, help="model version label, e.g. stable")

@@ -10,7 +10,7 @@ import time
 from dolg_tf.cli._common import parse_scales
 from dolg_tf.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from dolg_tf.errors import ConfigError
-from dolg_tf.export import EXPORT_PROFILES, OFFICIAL_MAX_IMAGE_PIXELS, RESIZE_POLICIES
+from dolg_tf.export.contract import EXPORT_PROFILES, OFFICIAL_MAX_IMAGE_PIXELS, RESIZE_POLICIES
 
 
 def _progress():

@@ -29,6 +29,7 @@ from dolg_tf.client.transports import (
     check_signature,
 )
 from dolg_tf.errors import ClientError, ConfigError, InvalidImageError, ModelNotFoundError, ServerUnavailableError
+from dolg_tf.export.contract import DEFAULT_SIGNATURE
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class Client:
         self,
         target: str | os.PathLike | None = None,
         model_name: str = "dolg",
-        signature_name: str = "serving_default",
+        signature_name: str = DEFAULT_SIGNATURE,
         protocol: str = "grpc",
         version: int | None = None,
         version_label: str | None = None,

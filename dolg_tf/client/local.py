@@ -16,8 +16,8 @@ import numpy as np
 
 from dolg_tf.client import _protos as pb
 from dolg_tf.client.transports import INPUT_KEY, OUTPUT_KEY, ModelSpec, Rejected, VersionStatus
-from dolg_tf.errors import ClientError, ModelNotFoundError
-from dolg_tf.versions import VERSION_NAME, complete_versions
+from dolg_tf.errors import ClientError, ExportError, ModelNotFoundError
+from dolg_tf.export.contract import SAVED_MODEL_FILE, SERVE_TAG, VERSION_NAME, complete_versions, is_saved_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def resolve_version_dir(path: str | os.PathLike, version: int | None = None) -> 
         ModelNotFoundError: no SavedModel there, or no such version.
     """
     path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+    if is_saved_model_dir(path):
         if version is not None:
             raise ModelNotFoundError(f"{path!r} is a single SavedModel; it has no version {version}")
         name = os.path.basename(os.path.normpath(path))
@@ -38,7 +38,7 @@ def resolve_version_dir(path: str | os.PathLike, version: int | None = None) -> 
         raise ModelNotFoundError(f"no SavedModel directory at {path!r}")
     versions = complete_versions(path)
     if not versions:
-        raise ModelNotFoundError(f"{path!r} holds no saved_model.pb and no integer version directories")
+        raise ModelNotFoundError(f"{path!r} holds no {SAVED_MODEL_FILE} and no integer version directories")
     if version is None:
         version = versions[-1]
     elif version not in versions:
@@ -60,22 +60,22 @@ class SavedModelTransport:
         self.target = self.directory
         self.max_message_bytes = 2**62  # no wire: only the batch size and image limits apply
         try:
-            self._loaded = tf.saved_model.load(self.directory, tags=["serve"])
+            self._loaded = tf.saved_model.load(self.directory, tags=[SERVE_TAG])
         except (OSError, ValueError, RuntimeError, tf.errors.OpError) as err:
             raise ModelNotFoundError(f"cannot load the SavedModel at {self.directory!r}: {err}") from err
         self._fn = self._loaded.signatures.get(spec.signature_name)
 
     def metadata(self, timeout: float):
-        from tensorflow.core.protobuf import saved_model_pb2
+        # TensorFlow is loaded already (the constructor loaded the model).
+        from dolg_tf.export.reader import read_meta_graph
 
-        saved = saved_model_pb2.SavedModel()
-        with open(os.path.join(self.directory, "saved_model.pb"), "rb") as f:
-            saved.ParseFromString(f.read())
+        try:
+            meta = read_meta_graph(self.directory, SERVE_TAG)
+        except ExportError as err:
+            raise ModelNotFoundError(str(err)) from None
         signature_map = pb.get_model_metadata_pb2.SignatureDefMap()
-        for meta in saved.meta_graphs:
-            if "serve" in meta.meta_info_def.tags:
-                for name, sig in meta.signature_def.items():
-                    signature_map.signature_def[name].CopyFrom(sig)
+        for name, sig in meta.signature_def.items():
+            signature_map.signature_def[name].CopyFrom(sig)
         return signature_map, self._version
 
     def status(self, timeout: float) -> list[VersionStatus]:

@@ -26,11 +26,12 @@ import numpy as np
 
 from dolg_tf.client import _protos as pb
 from dolg_tf.errors import ClientError, ConfigError, ModelNotFoundError, WrongProtocolError
+from dolg_tf.export.contract import DEFAULT_SIGNATURE, EMBEDDING_DTYPE, IMAGES_DTYPE
+from dolg_tf.export.contract import EMBEDDING_KEY as OUTPUT_KEY
+from dolg_tf.export.contract import IMAGES_KEY as INPUT_KEY
 
 log = logging.getLogger(__name__)
 
-INPUT_KEY = "images"
-OUTPUT_KEY = "embedding"
 # Responses are a few KB per image; this bound only stops a runaway server.
 _MAX_RECEIVE_BYTES = 256 * 1024 * 1024
 
@@ -105,7 +106,7 @@ class ModelSpec:
     """Which servable to ask for: TF Serving's ``ModelSpec`` fields."""
 
     name: str
-    signature_name: str = "serving_default"
+    signature_name: str = DEFAULT_SIGNATURE
     version: int | None = None
     version_label: str | None = None
 
@@ -155,16 +156,17 @@ def check_signature(signature_map, spec: ModelSpec) -> int | None:
     out_dims = _dims(out.tensor_shape) if out is not None else None
     ok = (
         set(sig.inputs) == {INPUT_KEY}
-        and inp.dtype == pb.types_pb2.DT_STRING
+        and inp.dtype == pb.types_pb2.DataType.Value(IMAGES_DTYPE)
         and (in_dims is None or len(in_dims) == 1)
         and out is not None
-        and out.dtype == pb.types_pb2.DT_FLOAT
+        and out.dtype == pb.types_pb2.DataType.Value(EMBEDDING_DTYPE)
         and (out_dims is None or len(out_dims) == 2)
     )
     if not ok:
         raise ModelNotFoundError(
             f"{spec.describe()} signature {spec.signature_name!r} is not a DOLG embedding model: expected input "
-            f"'images' DT_STRING [-1] and output 'embedding' DT_FLOAT [-1, D], got inputs ({show(sig.inputs)}) "
+            f"{INPUT_KEY!r} {IMAGES_DTYPE} [-1] and output {OUTPUT_KEY!r} {EMBEDDING_DTYPE} [-1, D], "
+            f"got inputs ({show(sig.inputs)}) "
             f"and outputs ({show(sig.outputs)})"
         )
     return out_dims[1] if out_dims and out_dims[1] > 0 else None
@@ -172,8 +174,9 @@ def check_signature(signature_map, spec: ModelSpec) -> int | None:
 
 def embedding_from_tensor(tensor, n: int) -> np.ndarray:
     """The ``(n, D)`` float32 array in a ``TensorProto``; raises ClientError on a malformed one."""
-    if tensor.dtype != pb.types_pb2.DT_FLOAT:
-        raise ClientError(f"the server returned 'embedding' as {pb.types_pb2.DataType.Name(tensor.dtype)}, not DT_FLOAT")
+    if tensor.dtype != pb.types_pb2.DataType.Value(EMBEDDING_DTYPE):
+        got = pb.types_pb2.DataType.Name(tensor.dtype)
+        raise ClientError(f"the server returned {OUTPUT_KEY!r} as {got}, not {EMBEDDING_DTYPE}")
     dims = [d.size for d in tensor.tensor_shape.dim]
     if tensor.tensor_content:
         values = np.frombuffer(tensor.tensor_content, dtype="<f4")
@@ -322,7 +325,7 @@ class GrpcTransport:
     def predict(self, blobs: Sequence[bytes], timeout: float) -> np.ndarray:
         request = pb.predict_pb2.PredictRequest(model_spec=self.spec.to_proto(), output_filter=[OUTPUT_KEY])
         tensor = request.inputs[INPUT_KEY]
-        tensor.dtype = pb.types_pb2.DT_STRING
+        tensor.dtype = pb.types_pb2.DataType.Value(IMAGES_DTYPE)
         tensor.tensor_shape.dim.add(size=len(blobs))
         tensor.string_val.extend(blobs)
         if request.ByteSize() > self.max_message_bytes:

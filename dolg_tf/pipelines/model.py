@@ -19,11 +19,20 @@ from typing import Any
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from dolg_tf.errors import ExportError
-from dolg_tf.versions import VERSION_NAME
+from dolg_tf.export.contract import (
+    ASSETS_EXTRA,
+    DEFAULT_SIGNATURE,
+    EMBEDDING_KEY,
+    EXPORT_JSON,
+    IMAGES_KEY,
+    SAVED_MODEL_FILE,
+    SERVE_TAG,
+    VERSION_NAME,
+    complete_versions,
+    is_saved_model_dir,
+)
 
 log = logging.getLogger(__name__)
-
-INPUT_KEY, OUTPUT_KEY = "images", "embedding"
 
 
 def _is_remote(path: str) -> bool:
@@ -53,7 +62,7 @@ class ExportInfo:
     max_batch_size: int
     max_image_bytes: int
     max_image_pixels: int
-    signature_name: str = "serving_default"
+    signature_name: str = DEFAULT_SIGNATURE
 
     def parquet_metadata(self) -> dict[str, str]:
         """The key/value pairs written into every Parquet file's metadata."""
@@ -71,22 +80,19 @@ def _resolve_remote(path: str) -> tuple[str, int | None]:
     import tensorflow as tf
 
     path = path.rstrip("/")
-    if tf.io.gfile.exists(posixpath.join(path, "saved_model.pb")):
+    if is_saved_model_dir(path, isfile=tf.io.gfile.exists):
         name = posixpath.basename(path)
         return path, int(name) if VERSION_NAME.fullmatch(name) else None
     try:
-        names = [n.rstrip("/") for n in tf.io.gfile.listdir(path)]
+        versions = complete_versions(path, listdir=tf.io.gfile.listdir, isfile=tf.io.gfile.exists)
     except tf.errors.OpError as err:
         raise ExportError(f"no SavedModel directory at {path!r}: {err.message}") from None
-    versions = sorted(
-        int(n) for n in names if VERSION_NAME.fullmatch(n) and tf.io.gfile.exists(posixpath.join(path, n, "saved_model.pb"))
-    )
     if not versions:
-        raise ExportError(f"{path!r} holds no saved_model.pb and no integer version directories")
+        raise ExportError(f"{path!r} holds no {SAVED_MODEL_FILE} and no integer version directories")
     return posixpath.join(path, str(versions[-1])), versions[-1]
 
 
-def describe_export(path: str, model_name: str | None = None, signature_name: str = "serving_default") -> ExportInfo:
+def describe_export(path: str, model_name: str | None = None, signature_name: str = DEFAULT_SIGNATURE) -> ExportInfo:
     """Resolves an export's base path (newest version) or version directory and reads its facts.
 
     Reads ``assets.extra/dolg_export.json`` and ``fingerprint.pb``; loads no graph.
@@ -96,8 +102,6 @@ def describe_export(path: str, model_name: str | None = None, signature_name: st
         ExportError: no SavedModel there, or it is not a dolg_tf export.
     """
     import tensorflow as tf
-
-    from dolg_tf.export import EXPORT_JSON
 
     path = os.fspath(path)
     if _is_remote(path):
@@ -111,9 +115,8 @@ def describe_export(path: str, model_name: str | None = None, signature_name: st
         except ModelNotFoundError as err:
             raise ExportError(f"--saved-model: {err}") from None
         directory = os.path.abspath(directory)
-    meta_path = posixpath.join(directory, "assets.extra", EXPORT_JSON) if _is_remote(directory) else os.path.join(
-        directory, "assets.extra", EXPORT_JSON
-    )
+    join = posixpath.join if _is_remote(directory) else os.path.join
+    meta_path = join(directory, ASSETS_EXTRA, EXPORT_JSON)
     try:
         with tf.io.gfile.GFile(meta_path, "rb") as f:
             meta = json.loads(f.read(1 << 22).decode("utf-8"))
@@ -174,7 +177,7 @@ class SavedModelHandler(ModelHandler[bytes, PredictionResult, Any]):
             max, so every batch but the last of a bundle is full.
     """
 
-    def __init__(self, directory: str, signature_name: str = "serving_default", batch_size: int = 32):
+    def __init__(self, directory: str, signature_name: str = DEFAULT_SIGNATURE, batch_size: int = 32):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self._directory = directory
         self._signature_name = signature_name
@@ -182,7 +185,7 @@ class SavedModelHandler(ModelHandler[bytes, PredictionResult, Any]):
     def load_model(self) -> _Loaded:
         import tensorflow as tf
 
-        loaded = tf.saved_model.load(self._directory, tags=["serve"])
+        loaded = tf.saved_model.load(self._directory, tags=[SERVE_TAG])
         fn = loaded.signatures.get(self._signature_name)
         if fn is None:
             raise ExportError(f"the SavedModel at {self._directory!r} has no signature {self._signature_name!r}")
@@ -191,7 +194,7 @@ class SavedModelHandler(ModelHandler[bytes, PredictionResult, Any]):
     def _call(self, model: _Loaded, blobs: Sequence[bytes]):
         import tensorflow as tf
 
-        return model.fn(**{INPUT_KEY: tf.constant(list(blobs), dtype=tf.string)})[OUTPUT_KEY].numpy()
+        return model.fn(**{IMAGES_KEY: tf.constant(list(blobs), dtype=tf.string)})[EMBEDDING_KEY].numpy()
 
     def run_inference(
         self, batch: Sequence[bytes], model: _Loaded, inference_args: dict[str, Any] | None = None

@@ -12,7 +12,6 @@ the version's ``SignatureDef`` and runs the signature.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -24,12 +23,21 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import predict_pb2
 
-from dolg_tf.errors import ServingError
-from dolg_tf.versions import VERSION_NAME
-from dolg_tf.versions import complete_versions as scan_versions
+from dolg_tf.errors import ExportError, ServingError
+from dolg_tf.export.contract import (
+    DEFAULT_SIGNATURE,
+    INIT_OP_SIGNATURE,
+    SAVED_MODEL_FILE,
+    SERVE_TAG,
+    VERSION_NAME,
+    read_export_metadata,
+    warmup_path,
+)
+from dolg_tf.export.contract import complete_versions as scan_versions
+from dolg_tf.export.reader import read_meta_graph
 from dolg_tf.server.preflight import VersionPolicy, check_base_path, describe_user, parse_version_labels
 from dolg_tf.server.status import RequestError, invalid_argument, not_found
 
@@ -37,11 +45,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ModelManager", "Servable", "VersionPolicy", "VersionState", "parse_version_labels"]
 
-DEFAULT_SIGNATURE = "serving_default"
-SERVE_TAG = "serve"
-INIT_OP_SIGNATURE = "__saved_model_init_op"
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-EXPORT_JSON = os.path.join("assets.extra", "dolg_export.json")
 # TF Serving replays at most this many warmup records per version.
 MAX_WARMUP_RECORDS = 1000
 # TF Serving's defaults for --max_num_load_retries and --load_retry_interval_micros.
@@ -53,17 +56,6 @@ PROGRESS_EVERY_S = 10.0
 
 def _tensor_spec(info: meta_graph_pb2.TensorInfo) -> tuple[tf.DType, tf.TensorShape]:
     return tf.dtypes.as_dtype(info.dtype), tf.TensorShape(info.tensor_shape)
-
-
-def read_serving_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
-    """Reads the MetaGraphDef tagged ``serve`` from ``<path>/saved_model.pb``."""
-    saved_model = saved_model_pb2.SavedModel()
-    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-        saved_model.ParseFromString(f.read())
-    for meta_graph in saved_model.meta_graphs:
-        if SERVE_TAG in meta_graph.meta_info_def.tags:
-            return meta_graph
-    raise ServingError(f"{path}: no MetaGraph tagged {SERVE_TAG!r}")
 
 
 class Servable:
@@ -81,7 +73,7 @@ class Servable:
         self.version = version
         self.path = path
         self.max_tensor_bytes = max_tensor_bytes
-        self.meta_graph = read_serving_meta_graph(path)
+        self.meta_graph = read_meta_graph(path, SERVE_TAG)
         self.signature_defs = self.meta_graph.signature_def
         self.max_batch_size = read_max_batch_size(path)
         self._loaded = tf.saved_model.load(path, tags=[SERVE_TAG])
@@ -241,7 +233,7 @@ class Servable:
         """
         from tensorflow_serving.apis import prediction_log_pb2
 
-        path = os.path.join(self.path, WARMUP_FILE)
+        path = warmup_path(self.path)
         if not os.path.exists(path):
             return 0
         count = 0
@@ -267,13 +259,9 @@ class Servable:
 
 def read_max_batch_size(path: str) -> int | None:
     """``max_batch_size`` recorded in an export's ``assets.extra/dolg_export.json`` (None: not recorded)."""
-    meta_path = os.path.join(path, EXPORT_JSON)
     try:
-        if os.path.getsize(meta_path) > 1 << 20:  # our metadata is a few KB; never read a huge file
-            return None
-        with open(meta_path) as f:
-            value = json.load(f).get("export_config", {}).get("max_batch_size")
-    except (OSError, ValueError, AttributeError):
+        value = read_export_metadata(path).get("export_config", {}).get("max_batch_size")
+    except (ExportError, AttributeError):
         return None
     return value if isinstance(value, int) and value > 0 else None
 
@@ -382,7 +370,7 @@ class ModelManager:
         except OSError:
             return problems  # complete_versions names it
         for entry in sorted(entries, key=lambda e: int(e.name)):
-            graph = os.path.join(entry.path, "saved_model.pb")
+            graph = os.path.join(entry.path, SAVED_MODEL_FILE)
             try:
                 with open(graph, "rb"):
                     pass

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dolg_tf.errors import ServingError
+from dolg_tf.export.contract import is_saved_model_dir
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def check_base_path(base_path: str | os.PathLike) -> str:
     path = os.path.abspath(os.fspath(base_path))
     if not os.path.isdir(path):
         raise ServingError(f"model base path {path} is not a directory")
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+    if is_saved_model_dir(path):
         raise ServingError(
             f"model base path {path} looks like a version directory (it holds saved_model.pb): "
             f"pass its parent, --model-base-path {os.path.dirname(path)}"

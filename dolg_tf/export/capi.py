@@ -8,7 +8,7 @@ bindings, e.g. ``EagerPyFunc``, is available — as in TF Serving). The
 signature's tensor names are read from the MetaGraphDef returned by the
 loader, the way TF Serving resolves a ``signature_name``.
 
-Run it as a program in a fresh process (``python -m dolg_tf.capi``): it
+Run it as a program in a fresh process (``python -m dolg_tf.export.capi``): it
 reads one JSON request on stdin and writes one JSON answer on stdout::
 
     {"export_dir": "...", "signature": "serving_default",
@@ -18,7 +18,8 @@ reads one JSON request on stdin and writes one JSON answer on stdout::
 Answer: ``{"ok": true, "outputs": {"embedding": {"shape": [...], "data": [...]}},
 "signature": {...}, "tensorflow_imported": false}`` or ``{"ok": false,
 "stage": "load" | "signature" | "run", "code": <TF_Code>, "message": "..."}``.
-:func:`dolg_tf.export.run_with_c_api` wraps the subprocess.
+:func:`dolg_tf.export.audit.run_with_c_api` wraps the subprocess. The module imports only
+the standard library, numpy and the TF-free contract.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import importlib.util
 import json
 import os
 import sys
+
+from dolg_tf.export.contract import DEFAULT_SIGNATURE, SERVE_TAG
 
 TF_FLOAT, TF_UINT8, TF_STRING = 1, 4, 7
 _DTYPES = {"float32": TF_FLOAT, "uint8": TF_UINT8, "string": TF_STRING}
@@ -89,7 +92,8 @@ def _load_library() -> ctypes.CDLL:
         "TF_StringInit": ([p], None),
         "TF_StringCopy": ([p, ctypes.c_char_p, sz], None),
         "TF_SessionRun": (
-            [p, p, ctypes.POINTER(_Output), ctypes.POINTER(p), i, ctypes.POINTER(_Output), ctypes.POINTER(p), i, p, i, p, p],
+            [p, p, ctypes.POINTER(_Output), ctypes.POINTER(p), i, ctypes.POINTER(_Output), ctypes.POINTER(p), i,
+             p, i, p, p],
             None,
         ),
     }
@@ -242,13 +246,13 @@ def run(request: dict) -> dict:
             raise _CApiError(stage, code, lib.TF_Message(status).decode(errors="replace"))
 
     try:
-        tags = (ctypes.c_char_p * 1)(b"serve")
+        tags = (ctypes.c_char_p * 1)(SERVE_TAG.encode())
         session = lib.TF_LoadSessionFromSavedModel(
             options, None, request["export_dir"].encode(), tags, 1, graph, meta, status
         )
         check("load")
         sigs = signature_defs(ctypes.string_at(meta.contents.data, meta.contents.length))
-        name = request.get("signature", "serving_default")
+        name = request.get("signature", DEFAULT_SIGNATURE)
         if name not in sigs:
             raise _CApiError("signature", 5, f"no signature {name!r}; the export has {sorted(sigs)}")
         sig = sigs[name]
