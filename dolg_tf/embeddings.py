@@ -26,6 +26,7 @@ emb, ids = embeddings.load("gallery.npy")                    # ids from gallery.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -78,8 +79,10 @@ def _sniff(path: str) -> str:
 def _kind(head: bytes) -> str:
     if head.startswith(_NPY_MAGIC):
         return "npy"
-    try:
-        head.decode("utf-8")
+    if head.startswith(b"PK\x03\x04") or b"\0" in head:  # a zip (.npz) or another binary file
+        return "other"
+    try:  # not final: a character cut by the 64-byte read is still text
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
     except UnicodeDecodeError:
         return "other"
     return "text"
