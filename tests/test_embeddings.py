@@ -112,7 +112,8 @@ def test_the_header_is_checked_before_the_array_is_allocated(tmp_path):
         embeddings.read_embeddings(tmp_path / "huge.npy")
     # Within the limit but shorter than the header says: truncated.
     _npy_header(tmp_path / "short.npy", (100, 8), payload=b"\0" * 64)
-    with pytest.raises(DataError, match=r"is truncated: its header says \(100, 8\) float32 \(3200 bytes\) but it holds 64"):
+    truncated = r"is truncated: its header says \(100, 8\) float32 \(3200 bytes\) but it holds 64"
+    with pytest.raises(DataError, match=truncated):
         embeddings.read_embeddings(tmp_path / "short.npy")
     np.save(tmp_path / "three.npy", np.zeros((2, 3, 4), np.float32))
     with pytest.raises(DataError, match=r"must be a 2-D \(N, D\) array, got shape \(2, 3, 4\)"):
