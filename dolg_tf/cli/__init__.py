@@ -48,7 +48,8 @@ def _describe(parser: argparse.ArgumentParser, module) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for choice in action.choices.values():
                 if not choice.description:
-                    help_text = next((a.help for a in action._choices_actions if a.dest == choice.prog.split()[-1]), None)
+                    command = choice.prog.split()[-1]
+                    help_text = next((a.help for a in action._choices_actions if a.dest == command), None)
                     choice.description = help_text
 
 

@@ -38,7 +38,9 @@ def _load() -> dict[str, types.ModuleType]:
         return {name: importlib.import_module(name) for name in _NEEDED}
     spec = importlib.util.find_spec("tensorflow")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("dolg_tf.client needs the `tensorflow` wheel's protobuf files (pip install tensorflow-serving-api)")
+        raise ImportError(
+            "dolg_tf.client needs the `tensorflow` wheel's protobuf files (pip install tensorflow-serving-api)"
+        )
     placeholder = types.ModuleType("tensorflow")
     placeholder.__path__ = list(spec.submodule_search_locations)
     placeholder.__spec__ = importlib.machinery.ModuleSpec("tensorflow", None, is_package=True)

@@ -277,5 +277,7 @@ def as_item_list(images: Any) -> tuple[list[Any] | Any, bool]:
     try:
         iter(images)
     except TypeError as err:
-        raise InvalidImageError(f"images must be an image or an iterable of images, got {type(images).__name__}") from err
+        raise InvalidImageError(
+            f"images must be an image or an iterable of images, got {type(images).__name__}"
+        ) from err
     return images, False

@@ -84,7 +84,9 @@ class SavedModelTransport:
     def predict(self, blobs: Sequence[bytes], timeout: float) -> np.ndarray:
         tf = self._tf
         if self._fn is None:
-            raise ModelNotFoundError(f"the SavedModel at {self.directory!r} has no signature {self.spec.signature_name!r}")
+            raise ModelNotFoundError(
+                f"the SavedModel at {self.directory!r} has no signature {self.spec.signature_name!r}"
+            )
         try:
             out = self._fn(**{INPUT_KEY: tf.constant(list(blobs), dtype=tf.string)})
         except tf.errors.InvalidArgumentError as err:
