@@ -34,7 +34,7 @@ def jpeg_photos(count: int, longer: int) -> list[bytes]:
     """JPEG bytes of the first ``count`` built-in demo photographs, resized so the longer side is ``longer``."""
     from PIL import Image
 
-    from dolg_tf.demo_data import demo_photos
+    from dolg_tf.demo.photos import demo_photos
 
     out = []
     for image in list(demo_photos().values())[:count]:

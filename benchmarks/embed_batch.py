@@ -46,7 +46,7 @@ def _write_images(folder: str, count: int, seed: int = 0) -> list[bytes]:
     import numpy as np
     from PIL import Image
 
-    from dolg_tf.demo_data import demo_photos
+    from dolg_tf.demo.photos import demo_photos
 
     rng = np.random.default_rng(seed)
     photos = list(demo_photos().values())

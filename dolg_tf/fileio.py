@@ -10,8 +10,11 @@ it: those of the file it replaces, else ``0o666`` less the process umask
 (``tempfile.mkstemp`` alone would leave every artefact ``0o600``, unreadable
 by a server running as another user).
 
-Imports nothing heavy (the client and the index use it). Remote (``gs://``)
-paths go through ``tf.io.gfile`` in the data module instead.
+Imports nothing heavy (the client and the index use it). A path with a URI
+scheme (``gs://``, ``s3://``, ``ram://``, ...) is written through
+``tf.io.gfile`` instead, imported only then: a temporary object in the same
+folder, renamed over the target (on object stores a copy, not atomic, but a
+reader never sees a half-written object).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import stat
 import tempfile
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Callable
 from typing import IO, Any
@@ -112,14 +116,40 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
     return removed
 
 
+def is_uri(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a file through a URI scheme (``gs://...``) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def _atomic_write_uri(path: str, write: Callable[[IO[bytes]], Any]) -> str:
+    import tensorflow as tf  # only for URIs: local writes stay free of TensorFlow
+
+    folder, name = path.rsplit("/", 1)
+    tf.io.gfile.makedirs(folder)
+    tmp = f"{folder}/.{name}.{_HOST_TAG}-{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with tf.io.gfile.GFile(tmp, "wb") as f:
+            write(f)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    except BaseException:
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.remove(tmp)
+        raise
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> str:
     """Calls ``write(f)`` on a binary temporary file, then renames it to ``path``; returns ``path``.
 
     The file's permissions are those of the file it replaces, or ``0o666``
     less the umask for a new file. Temporaries of ``path`` left by killed
     writers are removed first (see :func:`remove_stale_temporaries`).
+    A URI (``gs://bucket/x.json``; see :func:`is_uri`) is written through
+    ``tf.io.gfile``: a temporary object beside it, then a rename.
     """
     path = os.fspath(path)
+    if is_uri(path):
+        return _atomic_write_uri(path, write)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     remove_stale_temporaries(path)

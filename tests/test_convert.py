@@ -122,7 +122,7 @@ def test_official_profile_served_over_grpc_matches_the_authors_extractor(r50_pai
     from PIL import Image
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    from dolg_tf.demo_data import demo_photos
+    from dolg_tf.demo.photos import demo_photos
     from dolg_tf.server.process import ServerProcess
 
     module, _, _ = r50_pair[True]

@@ -39,7 +39,7 @@ def encode(array, fmt="JPEG", **kwargs):
 
 @pytest.fixture(scope="module")
 def photo():
-    from dolg_tf.demo_data import demo_photos
+    from dolg_tf.demo.photos import demo_photos
 
     image = Image.fromarray(demo_photos()["chelsea"])  # a real photo, 300 x 451
     image.thumbnail((120, 120))

@@ -40,6 +40,7 @@ def _temps(folder) -> list[str]:
     return sorted(name for name in os.listdir(folder) if name.startswith("."))
 
 
+@pytest.mark.integration
 def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write_only(tmp_path):
     target = tmp_path / "gallery.index"
     atomic_write(target, lambda f: f.write(b"old"))
@@ -112,3 +113,30 @@ def test_a_replaced_file_keeps_its_mode(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640 and path.read_text() == '{"a": 1}'
+
+
+def test_a_uri_is_written_through_gfile_and_a_failed_write_keeps_the_old_object():
+    import tensorflow as tf  # only here: fileio itself imports it only for URIs (checked below)
+    target = "ram://fileio-test/runs/label_map.json"  # TensorFlow's in-memory file system: a URI, no network
+    assert fileio.is_uri(target) and not fileio.is_uri("/tmp/a.json")
+    assert atomic_write_json(target, {"a": [1, 2]}, indent=1) == target
+    with tf.io.gfile.GFile(target, "rb") as f:
+        assert f.read() == b'{\n "a": [\n  1,\n  2\n ]\n}'
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError("bucket full")
+
+    with pytest.raises(OSError, match="bucket full"):
+        atomic_write(target, broken)
+    with tf.io.gfile.GFile(target, "rb") as f:
+        assert f.read().startswith(b'{\n "a"')
+    assert tf.io.gfile.listdir("ram://fileio-test/runs") == ["label_map.json"]  # no temporary left
+
+
+@pytest.mark.integration
+def test_local_writes_do_not_import_tensorflow(tmp_path):
+    code = ("import sys; from dolg_tf.fileio import atomic_write_json; "
+            f"atomic_write_json({str(tmp_path / 'a.json')!r}, [1]); print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "False" and (tmp_path / "a.json").read_text() == "[1]"

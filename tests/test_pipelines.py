@@ -47,7 +47,7 @@ def export(tmp_path_factory):
 @pytest.fixture(scope="module")
 def photos():
     """N_GOOD JPEGs of different sizes cut from the built-in demo photos, keyed by a relative path."""
-    from dolg_tf.demo_data import demo_photos
+    from dolg_tf.demo.photos import demo_photos
 
     rng = np.random.default_rng(5)
     sources = list(demo_photos().values())

@@ -18,7 +18,9 @@ def _open(args: argparse.Namespace):
         value = getattr(args, flag, 1)
         if value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
-
+    if args.data is None and args.data_format is not None:
+        raise ConfigError(f"--data-format {args.data_format} needs --data PATH "
+                          "(without --data the demo photos are used)")
     return open_source(args.data, args.data_format, min_class_size=args.min_class_size)
 
 
@@ -66,9 +68,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_to_tfrecord(args: argparse.Namespace) -> int:
     """Writes the data as TFRecord shards with the dolg_tf feature spec."""
-    from dolg_tf.data import write_tfrecords
+    import tensorflow as tf
+
+    from dolg_tf.data import TFRECORD_META, write_tfrecords
+    from dolg_tf.errors import DataError
 
     source = _open(args)
+    if not args.overwrite and tf.io.gfile.exists(os.path.join(args.out, TFRECORD_META)):
+        raise DataError(f"--out {args.out!r} already holds TFRecords ({TFRECORD_META}); "
+                        "pass --overwrite to replace them")
     t0 = time.perf_counter()
     shards = write_tfrecords(source, args.out, num_shards=args.shards, progress=not args.quiet,
                              overwrite=args.overwrite)

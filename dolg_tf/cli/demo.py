@@ -2,7 +2,7 @@
 
 train -> export -> ``dolg serve`` -> client embed (gRPC + REST) -> faiss index
 -> search held-out queries -> mAP / recall@1 -> results grid PNG -> server stopped.
-See :mod:`dolg_tf.quickstart`.
+See :mod:`dolg_tf.demo.run`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dolg_tf.quickstart import run_demo
+    from dolg_tf.demo.run import run_demo
 
     train_args = list(args.train_arg)
     if args.steps is not None:

@@ -1,4 +1,9 @@
-"""Training data: sources (demo, GLDv2, CSV, folder, TFRecord) and tf.data pipelines.
+"""Training data: sources (GLDv2, CSV, folder, TFRecord, the demo photos) and tf.data pipelines.
+
+Modules: :mod:`~dolg_tf.data.base` (the :class:`TrainSource` contract),
+:mod:`~dolg_tf.data.formats` (:func:`open_source`, :func:`detect_format`, image files),
+:mod:`~dolg_tf.data.tfrecord` (TFRecord shards, read and written),
+:mod:`~dolg_tf.data.pipeline` (:func:`train_dataset`).
 
 Typical use (what ``training/train.py`` does)::
 
@@ -28,9 +33,10 @@ unreadable images in a row stop the pipeline with an error rather than spin.
 (stateless random ops, seeded permutations; nothing depends on TF's global seed), so
 two replicas with batch ``B/2`` see exactly what one replica with batch ``B`` sees.
 
-**Demo.** ``open_source(None)`` is the built-in photos (one instance class each);
-:func:`demo_retrieval_split` + :func:`retrieval_metrics` evaluate a trained model on
-held-out numpy-made views: instance retrieval under synthetic views.
+**Demo.** ``open_source(None)`` is the built-in photos (one instance class each,
+:class:`dolg_tf.demo.source.DemoSource`); :func:`dolg_tf.demo.demo_retrieval_split` +
+:func:`dolg_tf.demo.retrieval_metrics` evaluate a trained model on held-out numpy-made
+views: instance retrieval under synthetic views.
 """
 
 import importlib
@@ -40,22 +46,18 @@ import importlib
 _EXPORTS = {
     "FORMATS": "config",
     "DataConfig": "config",
-    "RetrievalSplit": "demo",
-    "demo_retrieval_split": "demo",
-    "retrieval_metrics": "demo",
     "skipped_images": "pipeline",
     "train_dataset": "pipeline",
     "SkipCounter": "skips",
-    "FEATURE_IMAGE": "sources",
-    "FEATURE_KEY": "sources",
-    "FEATURE_LABEL": "sources",
-    "TFRECORD_META": "sources",
-    "DemoSource": "sources",
-    "FileSource": "sources",
-    "TFRecordSource": "sources",
-    "TrainSource": "sources",
-    "detect_format": "sources",
-    "open_source": "sources",
+    "FEATURE_IMAGE": "tfrecord",
+    "FEATURE_KEY": "tfrecord",
+    "FEATURE_LABEL": "tfrecord",
+    "TFRECORD_META": "tfrecord",
+    "FileSource": "formats",
+    "TFRecordSource": "tfrecord",
+    "TrainSource": "base",
+    "detect_format": "formats",
+    "open_source": "formats",
     "make_example": "tfrecord",
     "write_tfrecords": "tfrecord",
 }
@@ -77,7 +79,6 @@ __all__ = [
     "FORMATS",
     "DataConfig",
     "TrainSource",
-    "DemoSource",
     "FileSource",
     "TFRecordSource",
     "SkipCounter",
@@ -87,9 +88,6 @@ __all__ = [
     "skipped_images",
     "write_tfrecords",
     "make_example",
-    "demo_retrieval_split",
-    "retrieval_metrics",
-    "RetrievalSplit",
     "FEATURE_IMAGE",
     "FEATURE_LABEL",
     "FEATURE_KEY",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from dolg_tf.config import FrozenConfig
 from dolg_tf.errors import ConfigError

@@ -94,7 +94,9 @@ def encoded_dims(data: tf.Tensor, head: tf.Tensor, b: tf.Tensor, fmt: tf.Tensor)
     )
 
 
-def check_encoded(data: tf.Tensor, max_bytes: int, max_pixels: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+def check_encoded(
+    data: tf.Tensor, max_bytes: int, max_pixels: int
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Cheap checks of one encoded image, on its size and header only (nothing is decoded).
 
     Returns:
@@ -178,7 +180,8 @@ def _decode_jpeg_crop(data: tf.Tensor, top, left, side, size: int) -> tf.Tensor:
     def branch(r):
         def run():
             # With ratio r, the window is in the coordinates of the 1/r-scaled image.
-            window = tf.cast(tf.stack([top // r, left // r, tf.maximum(side // r, 1), tf.maximum(side // r, 1)]), tf.int32)
+            scaled_side = tf.maximum(side // r, 1)
+            window = tf.cast(tf.stack([top // r, left // r, scaled_side, scaled_side]), tf.int32)
             return tf.io.decode_and_crop_jpeg(data, window, channels=3, ratio=r)
 
         return run

@@ -5,18 +5,16 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from dolg_tf.data.base import TrainSource
+from dolg_tf.data.base import no_autograph as _no_autograph
 from dolg_tf.data.config import DataConfig
 from dolg_tf.data.images import OK, decode_augment
 from dolg_tf.data.images import augment as augment_image
+from dolg_tf.data.skips import ALL_SOURCES
+from dolg_tf.errors import ConfigError, DataError
 
 # Status of the markers: end of epoch (neither kept nor counted), and decoding stuck.
 END, STUCK = -1, -2
-# The pipeline functions have no Python control flow on tensors; skipping AutoGraph's
-# source conversion saves about a second per dataset built.
-_no_autograph = tf.autograph.experimental.do_not_convert
-from dolg_tf.data.skips import ALL_SOURCES
-from dolg_tf.data.sources import TrainSource
-from dolg_tf.errors import ConfigError, DataError
 
 
 def _shard(ds: tf.data.Dataset, input_context: tf.distribute.InputContext, batch_size: int) -> tf.data.Dataset:
@@ -174,7 +172,8 @@ def train_dataset(
 
     ds = ds.enumerate().scan(tf.constant(-1, tf.int64), watchdog)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    ds = ds.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), _skip_counter(source, config, progress, in_flight))
+    initial = (tf.constant(-1, tf.int64), tf.constant(0, tf.int64))
+    ds = ds.scan(initial, _skip_counter(source, config, progress, in_flight))
     ds = ds.filter(_is_ok).map(_drop_status)
     ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()

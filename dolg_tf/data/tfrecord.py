@@ -1,4 +1,4 @@
-"""Writing a source as TFRecord shards with the dolg_tf feature spec.
+"""TFRecord shards with the dolg_tf feature spec: reading them as a source, and writing any source as them.
 
 Each record is a ``tf.train.Example`` with
 
@@ -10,7 +10,8 @@ Each record is a ``tf.train.Example`` with
 Shards are ``train-00000-of-00008.tfrecord`` ...; each is written to a temporary name and
 renamed when complete. ``dolg_data.json`` beside them (written last, also atomically)
 lists the shards and their counts, the label map and class counts, so opening the shards
-needs no scan.
+needs no scan. Shards written elsewhere (without ``dolg_data.json``) are opened with one
+pass over their labels.
 """
 
 from __future__ import annotations
@@ -23,15 +24,193 @@ import uuid
 import numpy as np
 import tensorflow as tf
 
-from dolg_tf.data.config import DataConfig
-from dolg_tf.data.sources import (
-    FEATURE_IMAGE, FEATURE_KEY, FEATURE_LABEL, TFRECORD_META, TrainSource, atomic_write_text,
+from dolg_tf.data.base import (
+    TAG_BALANCE,
+    TAG_FILES,
+    TAG_SHUFFLE,
+    TrainSource,
+    epoch_seed,
+    no_autograph,
+    seeded_permutation,
 )
+from dolg_tf.data.config import DataConfig
 from dolg_tf.errors import DataError
+from dolg_tf.fileio import atomic_write_json
 
 logger = logging.getLogger("dolg_tf.data")
 
 META_VERSION = 1
+#: Name of the JSON file written beside the shards.
+TFRECORD_META = "dolg_data.json"
+TFRECORD_PATTERNS = ("*.tfrecord", "*.tfrecords", "*.tfrec", "*.tfrecord-*", "*.tfrecord.gz")
+#: The feature spec: encoded bytes, int64 label, optional key.
+FEATURE_IMAGE, FEATURE_LABEL, FEATURE_KEY = "image/encoded", "image/class/label", "image/key"
+
+
+class TFRecordSource(TrainSource):
+    """TFRecord shards with the dolg_tf feature spec (see :mod:`dolg_tf.data.tfrecord`)."""
+
+    kind = "tfrecord"
+
+    def __init__(self, location: str, files: list[str], label_map: dict[str, int], class_counts: np.ndarray,
+                 remap: dict[int, int] | None = None):
+        self._files = files
+        self._remap = remap
+        desc = f"tfrecord {location}: {int(np.sum(class_counts))} images, {len(label_map)} classes, {len(files)} shards"
+        super().__init__(location, label_map, class_counts, desc)
+
+    @property
+    def files(self) -> list[str]:
+        return list(self._files)
+
+    def _parse(self):
+        spec = {
+            # A record without image bytes decodes as an empty file: skipped and counted.
+            FEATURE_IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+            FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
+            FEATURE_KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
+        }
+        table = None
+        if self._remap is not None:
+            keys, values = zip(*sorted(self._remap.items()))
+            table = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.int64), tf.constant(values, tf.int64)), -1
+            )
+
+        @no_autograph
+        def parse(record):
+            ex = tf.io.parse_single_example(record, spec)
+            label = ex[FEATURE_LABEL] if table is None else table.lookup(ex[FEATURE_LABEL])
+            return ex[FEATURE_IMAGE], label, ex[FEATURE_KEY]
+
+        return parse
+
+    def ordered(self, *, epochs, shuffle, class_balanced, seed, shuffle_buffer, cycle_length, file_shard=None):
+        files = self._tensor("files", self._files)
+        if file_shard is not None:
+            pipelines, index = file_shard
+            if len(self._files) < pipelines:
+                raise DataError(f"{self.description}: shard_files needs at least one file per input pipeline "
+                                f"({pipelines}); write more shards (dolg data to-tfrecord --shards N)")
+            files = files[index::pipelines]
+            # Each pipeline its own random streams: its files differ anyway.
+            seed = int(np.random.SeedSequence([seed, pipelines, index]).generate_state(1)[0] >> 1)
+        parse = self._parse()
+        factors = self._tensor("factors", self.class_factors())
+        cycle = min(cycle_length, int(files.shape[0]))
+
+        @no_autograph
+        def one_epoch(epoch):
+            order = files
+            if shuffle:
+                permutation = seeded_permutation(tf.size(files, tf.int64), epoch_seed(seed, TAG_FILES, epoch))
+                order = tf.gather(files, permutation)
+            ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+                tf.data.TFRecordDataset, cycle_length=cycle, block_length=1,
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+            ).map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            if class_balanced:
+                balance_seed = epoch_seed(seed, TAG_BALANCE, epoch)
+
+                @no_autograph
+                def repeat(i, element):
+                    u = tf.random.stateless_uniform(
+                        [], tf.random.experimental.stateless_fold_in(balance_seed, i), dtype=tf.float64)
+                    times = tf.cast(tf.floor(tf.gather(factors, element[1]) + u), tf.int64)
+                    return tf.data.Dataset.from_tensors(element).repeat(times)
+
+                ds = ds.enumerate().flat_map(repeat)
+            if shuffle:
+                # A windowed shuffle with a stateless permutation per window: unlike
+                # Dataset.shuffle it does not depend on TF's global seed.
+                window_seed = epoch_seed(seed, TAG_SHUFFLE, epoch)
+
+                @no_autograph
+                def permute(w, window):
+                    perm = seeded_permutation(tf.shape(window[1], tf.int64)[0],
+                                              tf.random.experimental.stateless_fold_in(window_seed, w))
+                    return tf.data.Dataset.from_tensor_slices(tuple(tf.gather(t, perm) for t in window))
+
+                ds = ds.batch(shuffle_buffer).enumerate().flat_map(permute)
+            return ds
+
+        return tf.data.Dataset.range(epochs if epochs is not None else np.iinfo(np.int64).max).flat_map(one_epoch)
+
+    def key(self, handle):
+        return handle[2]
+
+    def load(self, handle):
+        data, label, key = handle
+        return data, tf.cast(label, tf.int32), key
+
+    def iter_encoded(self, max_bytes):
+        parse = self._parse()
+        for i, record in enumerate(tf.data.TFRecordDataset(self._files)):
+            data, label, key = (t.numpy() for t in parse(record))
+            if len(data) > max_bytes:
+                logger.warning("to-tfrecord: skipped oversized record %d (%s)", i, key)
+                continue
+            yield i, key.decode("utf-8", "replace"), data, int(label)
+
+
+def _tfrecord_files(path: str) -> tuple[list[str], dict | None]:
+    if tf.io.gfile.isdir(path):
+        meta_path = os.path.join(path, TFRECORD_META)
+        if tf.io.gfile.exists(meta_path):
+            try:
+                with tf.io.gfile.GFile(meta_path, "r") as f:
+                    meta = json.load(f)
+                files = [os.path.join(path, s["file"]) for s in meta["shards"]]
+            except (ValueError, KeyError, TypeError) as err:
+                raise DataError(f"{meta_path!r} is not a valid dolg TFRecord index: {err}") from err
+            missing = [f for f in files if not tf.io.gfile.exists(f)]
+            if missing:
+                raise DataError(f"{meta_path!r} lists {len(missing)} missing shard(s), e.g. {missing[0]!r}")
+            return files, meta
+        files = sorted({f for p in TFRECORD_PATTERNS for f in tf.io.gfile.glob(os.path.join(path, p))})
+    elif any(c in path for c in "*?["):
+        files = sorted(tf.io.gfile.glob(path))
+    else:
+        files = [path]
+    if not files:
+        raise DataError(f"no TFRecord files at {path!r} (looked for {', '.join(TFRECORD_PATTERNS)})")
+    return files, None
+
+
+def open_tfrecord(path: str) -> TFRecordSource:
+    """Opens TFRecord shards (a file, a glob, or a folder with or without ``dolg_data.json``)."""
+    files, meta = _tfrecord_files(path)
+    try:
+        first = next(iter(tf.data.TFRecordDataset(files[:1]).take(1)), None)
+    except tf.errors.OpError as err:
+        raise DataError(f"cannot read TFRecord {files[0]!r}: {err.message}") from err
+    if first is None:
+        raise DataError(f"TFRecord {files[0]!r} is empty")
+    features = tf.train.Example.FromString(first.numpy()).features.feature
+    for name in (FEATURE_IMAGE, FEATURE_LABEL):
+        if name not in features:
+            raise DataError(f"TFRecord {files[0]!r}: records lack the {name!r} feature (have {sorted(features)})")
+    if meta is not None:
+        try:
+            label_map = {str(k): int(v) for k, v in meta["label_map"].items()}
+            counts = np.asarray(meta["class_counts"], np.int64)
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{path!r}: the TFRecord index lacks label_map/class_counts: {err}") from err
+        if sorted(label_map.values()) != list(range(len(counts))):
+            raise DataError(f"{path!r}: the TFRecord index's label_map does not cover 0..{len(counts) - 1}")
+        return TFRecordSource(path, files, label_map, counts)
+    # Foreign shards: one pass over the labels only (no image decoding) to count and remap them.
+    spec = {FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64)}
+    try:
+        raw = np.concatenate([
+            b.numpy() for b in tf.data.TFRecordDataset(files).batch(4096).map(
+                lambda r: tf.io.parse_example(r, spec)[FEATURE_LABEL], num_parallel_calls=tf.data.AUTOTUNE)
+        ])
+    except tf.errors.OpError as err:
+        raise DataError(f"cannot read the labels of {path!r}: {err.message}") from err
+    unique, counts = np.unique(raw, return_counts=True)
+    remap = None if np.array_equal(unique, np.arange(len(unique))) else {int(u): i for i, u in enumerate(unique)}
+    return TFRecordSource(path, files, {str(int(u)): i for i, u in enumerate(unique)}, counts, remap)
 
 
 def make_example(image: bytes, label: int, key: str = "") -> bytes:
@@ -74,7 +253,7 @@ def write_tfrecords(source: TrainSource, out_dir: str, num_shards: int = 8, prog
         raise DataError(f"num_shards must be a positive integer, got {num_shards!r}")
     meta_path = os.path.join(out_dir, TFRECORD_META)
     if tf.io.gfile.exists(meta_path) and not overwrite:
-        raise DataError(f"{out_dir!r} already holds TFRecords ({TFRECORD_META}); pass overwrite=True / --overwrite")
+        raise DataError(f"{out_dir!r} already holds TFRecords ({TFRECORD_META}); pass overwrite=True to replace them")
     tf.io.gfile.makedirs(out_dir)
     num_shards = min(num_shards, source.num_examples)
     bounds = np.linspace(0, source.num_examples, num_shards + 1).astype(int)
@@ -133,6 +312,6 @@ def write_tfrecords(source: TrainSource, out_dir: str, num_shards: int = 8, prog
     }
     if (counts == 0).any():
         logger.warning("to-tfrecord: %d classes have no readable image", int((counts == 0).sum()))
-    atomic_write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True))
+    atomic_write_json(meta_path, meta, indent=1, sort_keys=True)
     logger.info("wrote %d images in %d shards to %s (%d skipped)", written, len(shards), out_dir, skipped)
     return [os.path.join(out_dir, name) for name in names]

@@ -214,7 +214,7 @@ class ParseTFRecord(beam.DoFn):
     def process(self, element):
         from tensorflow.core.example import example_pb2
 
-        from dolg_tf.data.sources import FEATURE_IMAGE, FEATURE_KEY
+        from dolg_tf.data.tfrecord import FEATURE_IMAGE, FEATURE_KEY
 
         filename, record = element
         fallback = f"{filename}#{hashlib.sha256(record).hexdigest()[:16]}"

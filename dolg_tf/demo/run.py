@@ -1,4 +1,4 @@
-"""The end-to-end demo behind ``make demo`` / ``dolg demo``: the whole product on the built-in data.
+"""``dolg demo`` (``make demo``): the whole product end to end on the built-in photos.
 
 train (``dolg train``, tiny preset, demo photos) -> export (SavedModel under
 ``saved_models/dolg/<version>/``) -> ``dolg serve`` in the background ->
@@ -27,9 +27,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from dolg_tf.client import Client
+from dolg_tf.demo.photos import demo_retrieval_split
 from dolg_tf.errors import DolgError
+from dolg_tf.evaluate import label_retrieval_metrics
+from dolg_tf.export import list_versions, read_export_metadata
+from dolg_tf.index import Index, write_search_results
 from dolg_tf.server.process import ServerProcess, cli_command
+from dolg_tf.visualize import Hit, results_grid, save_png
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +82,6 @@ def run_training(train_args: Sequence[str], echo: bool = True) -> dict[str, Any]
 
 def write_views(split, root: str) -> tuple[list[str], list[str]]:
     """Writes the demo gallery / query views as PNGs; returns their ids (paths relative to the roots)."""
-    from PIL import Image
-
     def write(images, labels, folder):
         ids, counters = [], {}
         for image, label in zip(images, labels):
@@ -103,20 +108,14 @@ def run_demo(
     echo: bool = True,
 ) -> DemoResult:
     """Runs the end-to-end demo (see the module docstring) and returns what it measured."""
-    from dolg_tf.client import Client
-    from dolg_tf.data.demo import demo_retrieval_split
-    from dolg_tf.evaluate import label_retrieval_metrics
-    from dolg_tf.export import list_versions, read_export_metadata
-    from dolg_tf.index import Index, write_search_results
-    from dolg_tf.visualize import Hit, results_grid, save_png
-
     seconds: dict[str, float] = {}
     os.makedirs(workdir, exist_ok=True)
     training = None
     t0 = time.perf_counter()
     if train:
         training = run_training(
-            ["--strategy", "mirrored", "--model-dir", os.path.join(workdir, "train"), "--set", f"export_dir={export_base}",
+            ["--strategy", "mirrored", "--model-dir", os.path.join(workdir, "train"),
+             "--set", f"export_dir={export_base}",
              *train_args],
             echo=echo,
         )
@@ -182,5 +181,8 @@ def run_demo(
         results_json=results_json,
         grid_png=grid_png,
         seconds=seconds,
-        training={key: training[key] for key in ("step", "loss", "accuracy", "images_per_s", "model_dir")} if training else None,
+        training=(
+            {key: training[key] for key in ("step", "loss", "accuracy", "images_per_s", "model_dir")}
+            if training else None
+        ),
     )
