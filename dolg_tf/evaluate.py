@@ -111,7 +111,9 @@ def compute_map(
     """
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.dtype.kind not in "iu":
-        raise InputShapeError(f"ranks must be a 2-D integer array (db_size, num_queries), got {ranks.dtype} {ranks.shape}")
+        raise InputShapeError(
+            f"ranks must be a 2-D integer array (db_size, num_queries), got {ranks.dtype} {ranks.shape}"
+        )
     nq = len(gnd)
     if ranks.shape[1] != nq:
         raise InputShapeError(
@@ -168,7 +170,11 @@ def revisited_gnd(gnd: Sequence[Mapping[str, Any]], setup: str) -> list[dict[str
         gnd: per query, mappings with ``"easy"``, ``"hard"`` and ``"junk"`` index lists.
         setup: ``"easy"``, ``"medium"`` or ``"hard"``.
     """
-    parts = {"easy": (("easy",), ("junk", "hard")), "medium": (("easy", "hard"), ("junk",)), "hard": (("hard",), ("junk", "easy"))}
+    parts = {
+        "easy": (("easy",), ("junk", "hard")),
+        "medium": (("easy", "hard"), ("junk",)),
+        "hard": (("hard",), ("junk", "easy")),
+    }
     if setup not in parts:
         raise ConfigError(f"setup must be one of {SETUPS}, got {setup!r}")
     ok_keys, junk_keys = parts[setup]
@@ -328,7 +334,8 @@ def _check_pickle_bounds(raw: bytes, path: str) -> None:
                     target.depth = max([target.depth] + [n.depth + 1 for n in added])
                     stack.append(check(target))
                 else:
-                    node = check(_Node(own + sum(n.weight for n in popped), 1 + max((n.depth for n in popped), default=0)))
+                    depth = 1 + max((n.depth for n in popped), default=0)
+                    node = check(_Node(own + sum(n.weight for n in popped), depth))
                     stack += [node] * len(opcode.stack_after)
     except DataError:
         raise
@@ -341,8 +348,8 @@ class _GroundTruthUnpickler(pickle.Unpickler):
 
     Plain ``dict``/``list``/``tuple``/``str``/``int``/``float`` need no global
     lookup at all; the only globals allowed are the ones numpy uses to
-    rebuild an array or a scalar, and ``_codecs.encode`` (bytes in protocol 2). Anything else (the way a malicious pickle
-    runs code) raises. Run it after :func:`_check_pickle_bounds`.
+    rebuild an array or a scalar, and ``_codecs.encode`` (bytes in protocol 2).
+    Anything else (the way a malicious pickle runs code) raises. Run it after :func:`_check_pickle_bounds`.
     """
 
     _ALLOWED = {
@@ -615,7 +622,8 @@ def embed_revisited(
         ``(query_embeddings (num_queries, D), db_embeddings (db_size, D))``.
     """
     queries = [
-        functools.partial(load_image, data.query_path(i), data.gnd[i]["bbx"], max_side) for i in range(len(data.qimlist))
+        functools.partial(load_image, data.query_path(i), data.gnd[i]["bbx"], max_side)
+        for i in range(len(data.qimlist))
     ]
     database = [functools.partial(load_image, data.image_path(i), None, max_side) for i in range(len(data.imlist))]
     query_emb = _embed_files(queries, embed_fn, batch_size, f"{data.name} queries", progress)
@@ -708,7 +716,9 @@ def gldv2_map_at_k(
     return total / len(scored)
 
 
-def read_gldv2_retrieval_solution(path: str | os.PathLike, usage: Sequence[str] = ("Public", "Private")) -> dict[str, list[str]]:
+def read_gldv2_retrieval_solution(
+    path: str | os.PathLike, usage: Sequence[str] = ("Public", "Private")
+) -> dict[str, list[str]]:
     """Reads a GLDv2 retrieval solution CSV (``id,images,Usage``; images space-separated).
 
     Args:

@@ -140,12 +140,14 @@ def register(sub) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--model-base-path", required=True, help="directory of integer-named versions (saved_models/dolg)")
+    serve.add_argument("--model-base-path", required=True,
+                       help="directory of integer-named versions (saved_models/dolg)")
     serve.add_argument("--model-name", default="dolg", help="model name clients address (default: dolg)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, loopback only)")
     serve.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one (default: 8500)")
     serve.add_argument(
-        "--rest-api-port", type=int, default=8501, help="REST port; 0 picks a free one, -1 disables REST (default: 8501)"
+        "--rest-api-port", type=int, default=8501,
+        help="REST port; 0 picks a free one, -1 disables REST (default: 8501)",
     )
     serve.add_argument(
         "--poll-seconds", type=float, default=1.0, help="look for new versions this often; <= 0: never (default: 1)"
@@ -160,13 +162,17 @@ def register(sub) -> None:
     serve.add_argument("--workers", type=int, default=16, help="gRPC worker threads (default: 16)")
     serve.add_argument("--no-warmup", action="store_true", help="do not replay assets.extra/tf_serving_warmup_requests")
     serve.add_argument(
-        "--wait-for-model-seconds", type=float, default=None, help="fail if no version loads in this time (default: wait)"
+        "--wait-for-model-seconds", type=float, default=None,
+        help="fail if no version loads in this time (default: wait)",
     )
-    serve.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0, help="TF intra-op threads (0: TF default)")
-    serve.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0, help="TF inter-op threads (0: TF default)")
+    serve.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0,
+                       help="TF intra-op threads (0: TF default)")
+    serve.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0,
+                       help="TF inter-op threads (0: TF default)")
     serve.add_argument(
-        "--max_num_load_retries", "--max-num-load-retries", dest="max_num_load_retries", type=_non_negative_int, metavar="N",
-        default=5, help="retries of a failed version load before it is given up, as in TF Serving (default: 5)",
+        "--max_num_load_retries", "--max-num-load-retries", dest="max_num_load_retries", type=_non_negative_int,
+        metavar="N", default=5,
+        help="retries of a failed version load before it is given up, as in TF Serving (default: 5)",
     )  # fmt: skip
     serve.add_argument(
         "--load_retry_interval_micros", "--load-retry-interval-micros", dest="load_retry_interval_micros",
@@ -175,7 +181,8 @@ def register(sub) -> None:
     )  # fmt: skip
     serve.add_argument(
         "--allow_version_labels_for_unavailable_models", "--allow-version-labels-for-unavailable-models",
-        dest="allow_version_labels_for_unavailable_models", type=_boolean, nargs="?", const=True, default=False, metavar="BOOL",
+        dest="allow_version_labels_for_unavailable_models", type=_boolean, nargs="?", const=True, default=False,
+        metavar="BOOL",
         help="accept a version label whose version is not available at start-up (TF Serving's flag; default: refuse)",
     )  # fmt: skip
     serve.add_argument(
@@ -185,7 +192,8 @@ def register(sub) -> None:
     )  # fmt: skip
     serve.add_argument(
         "--shutdown-grace-seconds", "--shutdown_grace_seconds", dest="shutdown_grace_seconds", type=non_negative_float,
-        default=10.0, metavar="SECONDS", help="on SIGTERM, how long requests in progress may run before their connections close (default: 10)",
+        default=10.0, metavar="SECONDS",
+        help="on SIGTERM, how long requests in progress may run before their connections close (default: 10)",
     )  # fmt: skip
     serve.set_defaults(func=_cmd_serve)
 
