@@ -176,13 +176,12 @@ class Index:
     ``nlist`` of them, and 16 for 4-bit PQ codebooks; fewer than
     ``39 * nlist`` is logged as a warning). Later additions reuse them.
 
-    Example:
-
-    >>> index = Index(512, kind="hnsw")
-    >>> index.add(gallery_embeddings, ids=["a.jpg", "b.jpg", ...])
-    >>> scores, ids = index.search(query_embeddings, k=10)
-    >>> index.save("gallery.dolgidx"); index = Index.load("gallery.dolgidx")
-    >>> big = Index.load("big.dolgidx", mmap=True)  # "ivfpq": full vectors stay on disk
+    Examples:
+        >>> index = Index(512, kind="hnsw")
+        >>> index.add(gallery_embeddings, ids=["a.jpg", "b.jpg", ...])
+        >>> scores, ids = index.search(query_embeddings, k=10)
+        >>> index.save("gallery.dolgidx"); index = Index.load("gallery.dolgidx")
+        >>> big = Index.load("big.dolgidx", mmap=True)  # "ivfpq": full vectors stay on disk
     """
 
     def __init__(

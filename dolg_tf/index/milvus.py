@@ -127,14 +127,13 @@ class MilvusIndex:
 
     Make one with :meth:`create` or :meth:`open`, not with the constructor.
 
-    Example:
-
-    >>> index = MilvusIndex.create("gallery.db", "landmarks", 512, "HNSW", id_type="str")
-    >>> index.add(gallery_embeddings, ids=["a.jpg", "b.jpg", ...])
-    >>> scores, ids = index.search(query_embeddings, k=10)
-    >>> index.delete(["b.jpg"]); index.count()
-    >>> index.close()
-    >>> index = MilvusIndex.open("http://milvus:19530", "landmarks")  # a server: the same calls
+    Examples:
+        >>> index = MilvusIndex.create("gallery.db", "landmarks", 512, "HNSW", id_type="str")
+        >>> index.add(gallery_embeddings, ids=["a.jpg", "b.jpg", ...])
+        >>> scores, ids = index.search(query_embeddings, k=10)
+        >>> index.delete(["b.jpg"]); index.count()
+        >>> index.close()
+        >>> index = MilvusIndex.open("http://milvus:19530", "landmarks")  # a server: the same calls
     """
 
     def __init__(

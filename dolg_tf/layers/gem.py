@@ -31,8 +31,8 @@ class GeM(keras.layers.Layer):
     Output shape:
         2D tensor ``(batch, channels)``.
 
-    Example:
-    >>> pooled = GeM(p=3.0)(keras.random.uniform((2, 7, 7, 2048)))
+    Examples:
+        >>> pooled = GeM(p=3.0)(keras.random.uniform((2, 7, 7, 2048)))
 
     Reference:
         Radenovic et al., "Fine-tuning CNN Image Retrieval with No Human

@@ -41,10 +41,10 @@ class LocalBranch(keras.layers.Layer):
         ``(batch, height, width, filters)``, and with ``return_attention``
         also ``(batch, height, width, 1)``.
 
-    Example:
-    >>> branch = LocalBranch(filters=32, atrous_filters=8)
-    >>> tuple(branch(keras.random.normal((2, 6, 9, 16))).shape)
-    (2, 6, 9, 32)
+    Examples:
+        >>> branch = LocalBranch(filters=32, atrous_filters=8)
+        >>> tuple(branch(keras.random.normal((2, 6, 9, 16))).shape)
+        (2, 6, 9, 32)
     """
 
     def __init__(

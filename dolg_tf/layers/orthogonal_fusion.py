@@ -34,10 +34,10 @@ class OrthogonalFusion(keras.layers.Layer):
     Output shape:
         ``(batch, 2 * C)``: global first, pooled orthogonal local second.
 
-    Example:
-    >>> fused = OrthogonalFusion()([keras.random.normal((2, 5, 5, 8)), keras.random.normal((2, 8))])
-    >>> tuple(fused.shape)
-    (2, 16)
+    Examples:
+        >>> fused = OrthogonalFusion()([keras.random.normal((2, 5, 5, 8)), keras.random.normal((2, 8))])
+        >>> tuple(fused.shape)
+        (2, 16)
     """
 
     def __init__(self, epsilon: float = 1e-6, **kwargs):
