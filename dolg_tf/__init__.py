@@ -1,7 +1,7 @@
 """dolg-tf: DOLG image retrieval in Keras 3 on TensorFlow.
 
-The model entry points (``build_dolg``, ``multiscale_embed``, ``DOLG``) are
-imported lazily so that ``import dolg_tf.client`` stays light.
+The model entry points (``build_dolg``, ``load_dolg``, ``multiscale_embed``,
+``DOLG``) are imported lazily so that ``import dolg_tf.client`` stays light.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DOLG": "dolg_tf.model",
     "build_dolg": "dolg_tf.model",
+    "load_dolg": "dolg_tf.model",
     "multiscale_embed": "dolg_tf.model",
     "ModelConfig": "dolg_tf.config",
     "model_config": "dolg_tf.config",

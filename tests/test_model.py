@@ -112,10 +112,36 @@ def test_weights_file_round_trip_and_errors(tiny, rng, tmp_path):
 
 def test_get_config_round_trips_model_config(tiny):
     config = tiny.get_config()
-    assert ModelConfig.from_dict({k: v for k, v in config.items() if k != "name"}) == MODEL_PRESETS["tiny"]
+    fields = {k: v for k, v in config.items() if k not in ("name", "dtype")}
+    assert ModelConfig.from_dict(fields) == MODEL_PRESETS["tiny"]
     clone = DOLG.from_config(json.loads(json.dumps(config)))
     assert clone.config == tiny.config
     assert clone.count_params() == tiny.count_params()
+
+
+def test_dtype_argument_sets_every_layer_and_leaves_the_global_policy(rng):
+    before = keras.config.dtype_policy().name
+    model = build_dolg("tiny", dtype="mixed_float16")
+    assert keras.config.dtype_policy().name == before == "float32"
+    assert model.dtype_policy.name == "mixed_float16" and model.compute_dtype == "float16"
+    computing = {layer.name: layer.compute_dtype for layer in model.backbone.layers if layer.weights}
+    computing.update({name: model.get_layer(name).compute_dtype
+                      for name in ("local_branch", "gem", "global_fc", "fusion", "embedding_fc")})
+    assert set(computing.values()) == {"float16"}, computing
+    assert model.get_layer("l2_normalize").compute_dtype == "float32"
+    assert {v.dtype for v in model.weights} == {"float32"}
+    # Reference: the float32 model with the same weights; the 16-bit forward pass is close to it.
+    plain = build_dolg("tiny", dtype="float32")
+    plain.set_weights(model.get_weights())
+    x = _images(rng, 2, 64, 64)
+    low, full = np.asarray(model(x)), np.asarray(plain(x))
+    assert low.dtype == np.float32
+    np.testing.assert_allclose(low, full, atol=5e-2)
+    assert np.abs(low - full).max() > 0
+    # The policy is part of the config: a round trip keeps it whatever the global policy is then.
+    assert model.get_config()["dtype"] == "mixed_float16"
+    assert DOLG.from_config(json.loads(json.dumps(model.get_config()))).compute_dtype == "float16"
+    assert keras.config.dtype_policy().name == "float32"
 
 
 def test_mixed_float16_forward_is_finite(rng):

@@ -23,8 +23,8 @@ import pytest
 import tensorflow as tf
 
 from dolg_tf.errors import ConfigError
-from dolg_tf.training import train_config
-from dolg_tf.training.config import TrainConfig, parse_value, split_overrides
+from dolg_tf.training import run_config, train_config
+from dolg_tf.training.config import RunConfig, TrainConfig, parse_value, split_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "training", "train.py")
@@ -47,12 +47,12 @@ def _summary(stdout: str) -> dict:
     return json.loads(lines[-1])
 
 
-def _fast_config(tmp_path, name: str, **overrides) -> TrainConfig:
+def _fast_config(tmp_path, name: str, **overrides) -> RunConfig:
     base = dict(image_size=64, batch_size=8, epochs=2, steps_per_epoch=2, lr=0.01, warmup_epochs=1.0,
                 export=False, eval_demo=False, progress=False, checkpoint_every=0,
                 model_dir=str(tmp_path / name))
     base.update(overrides)
-    return train_config("tiny", **base)
+    return run_config("tiny", **base)
 
 
 # --------------------------------------------------------------------------- config
@@ -93,6 +93,84 @@ def test_train_config_validation_and_presets():
         train_config("tiny", learning_rate=0.1)
     cfg = train_config("tiny", lr=0.2)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_run_config_resolves_preset_then_overrides_once():
+    import dataclasses
+
+    from dolg_tf.config import MODEL_PRESETS
+    from dolg_tf.data.config import DataConfig
+    from dolg_tf.training.config import TRAIN_PRESETS
+
+    config = run_config("tiny", image_size=80, lr=0.05, seed=3, model_overrides={"gem_p": 4.0},
+                        data_overrides={"min_crop_area": 0.3})
+    # The reference: each preset with the overrides applied field by field.
+    tiny = TRAIN_PRESETS["tiny"]
+    assert config.train == dataclasses.replace(tiny, image_size=80, lr=0.05, seed=3)
+    assert config.model == dataclasses.replace(MODEL_PRESETS["tiny"], gem_p=4.0, train_image_size=80)
+    assert config.data == dataclasses.replace(DataConfig(), image_size=80, seed=3, min_crop_area=0.3)
+    # One frozen object flows down: no section can be changed on the way.
+    for target, field in ((config, "train"), (config.train, "lr"), (config.model, "gem_p"), (config.data, "seed")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(target, field, None)
+    # An explicit model override wins over the recorded crop size.
+    assert run_config("tiny", model_overrides={"train_image_size": 64}).model.train_image_size == 64
+    assert run_config("resnet50").model == dataclasses.replace(MODEL_PRESETS["resnet50"], train_image_size=512)
+    with pytest.raises(ConfigError, match="train section"):
+        run_config("tiny", data_overrides={"seed": 1})
+    with pytest.raises(ConfigError, match="gem_p"):
+        run_config("tiny", model_overrides={"gem_p": -1.0})
+    with pytest.raises(ConfigError, match="unknown DataConfig"):
+        run_config("tiny", data_overrides={"min_crop": 0.3})
+
+
+def test_command_line_resolves_to_the_same_run_config():
+    import argparse
+
+    from dolg_tf.training.cli import PARSER_KWARGS, add_train_arguments, resolve_config
+
+    parser = add_train_arguments(argparse.ArgumentParser(**PARSER_KWARGS))
+    args = parser.parse_args(["--preset", "tiny", "--lr", "0.2", "--image-size", "64", "--no-export",
+                              "--set", "lr=0.3", "--set", "model.gem_p=4", "--set", "min_crop_area=0.5"])
+    assert resolve_config(args) == run_config("tiny", lr=0.3, image_size=64, export=False,
+                                              model_overrides={"gem_p": 4}, data_overrides={"min_crop_area": 0.5})
+
+
+def test_library_arguments_are_translated_to_flags():
+    from dolg_tf.training.cli import in_flag_terms
+
+    assert in_flag_terms("'runs/model_dir' already holds checkpoints: pass resume=True, or choose another "
+                         "model_dir") == ("'runs/model_dir' already holds checkpoints: pass --resume, or choose "
+                                          "another --model-dir")
+    assert in_flag_terms("set jit=False or sync_batch_norm=False") == "set --no-jit or --set sync_batch_norm=false"
+    assert in_flag_terms("batch_size 6 is not divisible") == "--batch-size 6 is not divisible"
+    assert in_flag_terms("end_lr (0.2) must not exceed lr (0.1)") == "end_lr (0.2) must not exceed lr (0.1)"
+
+
+def test_task_builds_with_its_policy_and_leaves_the_global_one(tmp_path):
+    import keras
+
+    from dolg_tf.training.steps import inference_model
+    from dolg_tf.training.task import RetrievalTask
+
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    for mixed_precision, compute in (("bfloat16", "bfloat16"),):
+        before = keras.config.dtype_policy().name
+        model = RetrievalTask(run_config("tiny", mixed_precision=mixed_precision)).build_model()
+        assert keras.config.dtype_policy().name == before == "float32"
+        assert model.compute_dtype == compute and model.backbone.get_layer("conv1_conv").compute_dtype == compute
+        assert all(v.dtype == "float32" for v in model.weights)
+        # The model that is saved and exported: float32 throughout, same weights, its own float32 outputs.
+        plain = inference_model(model, model.config)
+        assert plain.compute_dtype == "float32" and keras.config.dtype_policy().name == "float32"
+        for a, b in zip(model.weights, plain.weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        low, full = np.asarray(model(pixels)), np.asarray(plain(pixels))
+        assert low.dtype == full.dtype == np.float32
+        # 16-bit compute is close to, not equal to, the float32 result.
+        np.testing.assert_allclose(low, full, atol=5e-2)
+        assert np.abs(low - full).max() > 0
 
 
 def test_warmup_cosine_schedule_values():
@@ -140,26 +218,27 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     two = make_strategy("mirrored", cpu_replicas=2)   # splits the CPU before TF initialises
     one = tf.distribute.MirroredStrategy(devices=["/cpu:0"])
     import numpy as np
-    from dolg_tf.training import train_config
-    from dolg_tf.training.trainer import Trainer
+    from dolg_tf.training import run_config
+    from dolg_tf.training.loop import TrainLoop
 
     out = {}
     for name, strategy, sync in (("two", two, True), ("one", one, True), ("two_unsynced", two, False)):
-        cfg = train_config("tiny", epochs=1, steps_per_epoch=4, batch_size=16, image_size=64, lr=0.01,
-                           sync_batch_norm=sync, export=False, eval_demo=False, progress=False,
-                           model_dir=sys.argv[1] + "/" + name)
-        trainer = Trainer(cfg, strategy=strategy)
-        start = [v.numpy() for v in trainer.variables]
-        step, iterator = trainer.make_train_step(), iter(trainer.make_dataset())
+        cfg = run_config("tiny", epochs=1, steps_per_epoch=4, batch_size=16, image_size=64, lr=0.01,
+                         sync_batch_norm=sync, export=False, eval_demo=False, progress=False,
+                         model_dir=sys.argv[1] + "/" + name)
+        loop = TrainLoop(cfg, strategy=strategy)
+        state = loop.state
+        start = [v.numpy() for v in state.variables]
+        step, iterator = loop.make_train_step(), iter(loop.make_dataset())
         losses = []
         for i in range(3 if sync else 1):
             loss, _, _ = step(iterator)
             losses.append(float(loss))
             if i == 0:
                 np.savez(sys.argv[1] + f"/{name}_update.npz",
-                         *[v.numpy() - s for v, s in zip(trainer.variables, start)])
-                np.savez(sys.argv[1] + f"/{name}_slots.npz", *[v.numpy() for v in trainer.optimizer.variables])
-        out[name] = {"replicas": trainer.replicas, "losses": losses, "sync_bn": trainer.sync_bn_layers}
+                         *[v.numpy() - s for v, s in zip(state.variables, start)])
+                np.savez(sys.argv[1] + f"/{name}_slots.npz", *[v.numpy() for v in state.optimizer.variables])
+        out[name] = {"replicas": loop.replicas, "losses": losses, "sync_bn": state.sync_bn_layers}
     print(json.dumps(out))
     """
 )
@@ -242,41 +321,45 @@ def test_multiworker_two_processes_end_with_identical_weights(tmp_path):
 
 
 def test_resume_continues_step_lr_and_optimizer_slots(tmp_path):
-    from dolg_tf.training.trainer import Trainer
+    from dolg_tf.training.loop import TrainLoop
+    from dolg_tf.training.steps import train
 
-    whole = Trainer(_fast_config(tmp_path, "whole"))
-    whole_result = whole.fit()
+    whole = TrainLoop(_fast_config(tmp_path, "whole"))
+    whole_result = train(whole)
     assert whole_result.step == 4 and whole_result.total_steps == 4
 
-    first = Trainer(_fast_config(tmp_path, "split", max_steps=2)).fit()
+    first = train(TrainLoop(_fast_config(tmp_path, "split", max_steps=2)))
     assert first.step == 2 and first.checkpoint.endswith("ckpt-2")
     saved = tf.train.load_checkpoint(first.checkpoint)
 
-    with pytest.raises(ConfigError, match="--resume"):
-        Trainer(_fast_config(tmp_path, "split"))
-    resumed = Trainer(_fast_config(tmp_path, "split", resume=True))
+    # The library names its own argument; the command line says --resume (see the flags test).
+    with pytest.raises(ConfigError, match="resume=True"):
+        TrainLoop(_fast_config(tmp_path, "split"))
+    resumed = TrainLoop(_fast_config(tmp_path, "split", resume=True))
     assert resumed.restore() == 2
-    assert int(resumed.optimizer.iterations.numpy()) == 2
-    assert resumed.current_lr() == pytest.approx(float(resumed.schedule(2)))
+    assert int(resumed.state.optimizer.iterations.numpy()) == 2
+    assert resumed.current_lr() == pytest.approx(float(resumed.state.schedule(2)))
     # The momentum slots are the saved ones, not fresh zeros.
     slot_keys = [k for k in saved.get_variable_to_shape_map() if k.startswith("optimizer/_variables/")]
     slots = {int(k.split("/")[2]): saved.get_tensor(k) for k in slot_keys}
     assert any(np.abs(v).sum() > 0 for v in slots.values() if np.ndim(v))
     for index, value in slots.items():
-        np.testing.assert_array_equal(resumed.optimizer.variables[index].numpy(), value)
+        np.testing.assert_array_equal(resumed.state.optimizer.variables[index].numpy(), value)
 
-    result = resumed.fit()
-    assert result.step == 4 and int(resumed.optimizer.iterations.numpy()) == 4
+    result = train(resumed)
+    assert result.step == 4 and int(resumed.state.optimizer.iterations.numpy()) == 4
     assert result.learning_rate == pytest.approx(whole_result.learning_rate)
     # Same data positions (the input is fast-forwarded), same state: the same weights and slots.
-    for a, b in zip(whole.model.weights + whole.head.weights, resumed.model.weights + resumed.head.weights):
+    whole_weights = whole.state.model.weights + whole.state.head.weights
+    for a, b in zip(whole_weights, resumed.state.model.weights + resumed.state.head.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
-    for a, b in zip(whole.optimizer.variables, resumed.optimizer.variables):
+    for a, b in zip(whole.state.optimizer.variables, resumed.state.optimizer.variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
     config = json.loads((tmp_path / "split" / "config.json").read_text())
     assert set(config) == {"model", "data", "train", "run"}
     assert config["data"]["image_size"] == 64 and config["model"]["backbone"] == "resnet_tiny"
-    assert config["run"]["num_classes"] == json.loads((tmp_path / "split" / "label_map.json").read_text())["num_classes"]
+    label_map = json.loads((tmp_path / "split" / "label_map.json").read_text())
+    assert config["run"]["num_classes"] == label_map["num_classes"]
     tags = set()
     for event_file in (tmp_path / "split" / "logs" / "train").iterdir():
         for event in tf.compat.v1.train.summary_iterator(str(event_file)):
@@ -285,11 +368,12 @@ def test_resume_continues_step_lr_and_optimizer_slots(tmp_path):
 
 
 def test_progress_line_shows_the_epoch_average_the_summary_reports(tmp_path, capsys, caplog):
-    from dolg_tf.training.trainer import Trainer
+    from dolg_tf.training.loop import TrainLoop
+    from dolg_tf.training.steps import train
 
     caplog.set_level(logging.INFO, logger="dolg_tf.training")
     config = _fast_config(tmp_path, "progress", epochs=1, steps_per_epoch=3, progress=True, log_every=1)
-    result = Trainer(config).fit()
+    result = train(TrainLoop(config))
     line = [text for text in capsys.readouterr().out.splitlines() if "loss:" in text][-1]
     shown_loss = float(re.search(r"loss: ([-+.e0-9]+)", line).group(1))
     shown_acc = float(re.search(r"acc: ([-+.e0-9]+)", line).group(1))
@@ -372,13 +456,19 @@ def test_dolg_train_and_train_py_share_flags_and_reject_bad_overrides(capsys, tm
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("train: error:") and words in err[0], err
     assert not (tmp_path / "x").exists()
+    # A run directory that holds checkpoints: the command line names its own flags.
+    tf.train.Checkpoint(v=tf.Variable(1.0)).save(str(tmp_path / "used" / "checkpoints" / "ckpt"))
+    assert main(["--model-dir", str(tmp_path / "used"), "-q", "--no-export"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --resume" in err[0] and "another --model-dir" in err[0], err
 
 
 def test_float16_dynamic_loss_scaling_skips_overflowing_steps(tmp_path):
-    from dolg_tf.training.trainer import Trainer
+    from dolg_tf.training.loop import TrainLoop
 
-    trainer = Trainer(_fast_config(tmp_path, "fp16", mixed_precision="float16", head="curricularface"))
-    assert trainer.model.compute_dtype == "float16" and trainer.head.compute_dtype == "float32"
+    trainer = TrainLoop(_fast_config(tmp_path, "fp16", mixed_precision="float16", head="curricularface"))
+    state = trainer.state
+    assert state.model.compute_dtype == "float16" and state.head.compute_dtype == "float32"
     step, iterator = trainer.make_train_step(), iter(trainer.make_dataset())
     applied = []
     for _ in range(6):
@@ -388,15 +478,16 @@ def test_float16_dynamic_loss_scaling_skips_overflowing_steps(tmp_path):
     # 2^15 overflows this network's float16 gradients: those steps are skipped (no optimizer
     # iteration, scale halved) until the scale fits, then updates resume.
     assert not applied[0] and applied[-1]
-    assert int(trainer.optimizer.iterations.numpy()) == sum(applied)
-    assert float(trainer.loss_scale.numpy()) == 32768.0 / 2 ** applied.count(False)
-    assert all(np.isfinite(v.numpy()).all() for v in trainer.model.trainable_variables)
+    assert int(state.optimizer.iterations.numpy()) == sum(applied)
+    assert float(state.loss_scale.numpy()) == 32768.0 / 2 ** applied.count(False)
+    assert all(np.isfinite(v.numpy()).all() for v in state.model.trainable_variables)
 
 
 def test_corrupt_image_is_skipped_and_counted_by_the_run(tmp_path):
     from PIL import Image
 
-    from dolg_tf.training.trainer import Trainer
+    from dolg_tf.training.loop import TrainLoop
+    from dolg_tf.training.steps import train
 
     rng = np.random.default_rng(0)
     for label in ("a", "b"):
@@ -405,10 +496,10 @@ def test_corrupt_image_is_skipped_and_counted_by_the_run(tmp_path):
             pixels = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.jpg")
     (tmp_path / "data" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    trainer = Trainer(_fast_config(tmp_path, "run", data=str(tmp_path / "data"), batch_size=4, epochs=1,
-                                   steps_per_epoch=3, warmup_epochs=0.0, eval_demo=True))
+    trainer = TrainLoop(_fast_config(tmp_path, "run", data=str(tmp_path / "data"), batch_size=4, epochs=1,
+                                     steps_per_epoch=3, warmup_epochs=0.0, eval_demo=True))
     assert trainer.source.num_classes == 2 and trainer.source.num_examples == 9
-    result = trainer.fit()
+    result = train(trainer)
     assert result.step == 3 and np.isfinite(result.loss)
     assert result.skipped_images >= 1
     assert result.before is None and result.after is None  # the demo evaluation is for demo data only

@@ -20,7 +20,7 @@ def build_backbone(name: str, dtype=None) -> keras_hub.models.ResNetBackbone:
 
     Args:
         name: a key of :data:`dolg_tf.config.BACKBONES`.
-        dtype: optional dtype policy.
+        dtype: dtype policy of every layer (``None``: Keras' global policy).
     """
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
@@ -39,9 +39,12 @@ def build_backbone(name: str, dtype=None) -> keras_hub.models.ResNetBackbone:
 
 
 def feature_taps(backbone: keras_hub.models.ResNetBackbone, name: str = "backbone") -> keras.Model:
-    """A model sharing ``backbone``'s layers that returns ``[res4, res5]``."""
+    """A model sharing ``backbone``'s layers that returns ``[res4, res5]``, with ``backbone``'s dtype policy."""
     outputs = [backbone.pyramid_outputs[LOCAL_TAP], backbone.pyramid_outputs[GLOBAL_TAP]]
-    return keras.Model(backbone.inputs, outputs, name=name)
+    taps = keras.Model(backbone.inputs, outputs, name=name)
+    # A functional model ignores a ``dtype`` argument; the policy is set after construction.
+    taps.dtype_policy = backbone.dtype_policy
+    return taps
 
 
 def copy_backbone_weights(source: keras.Model, target: keras.Model) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import keras
 
 from dolg_tf.config import ModelConfig, model_config
 from dolg_tf.errors import WeightsError
+from dolg_tf.export.contract import complete_versions, is_saved_model_dir
 from dolg_tf.layers import GeM, ImageNormalization, L2Normalize, LocalBranch, OrthogonalFusion
 from dolg_tf.model.backbone import build_backbone, copy_backbone_weights, feature_taps, load_backbone_preset
 
@@ -26,8 +28,23 @@ class DOLG(keras.Model):
     orthogonal fusion ``[f_g, pooled orthogonal local]`` -> Dense ->
     L2-normalise.
 
-    The constructor arguments are exactly the fields of
-    :class:`dolg_tf.config.ModelConfig`; :meth:`get_config` returns them.
+    The constructor arguments are the fields of :class:`dolg_tf.config.ModelConfig`
+    plus ``name`` and ``dtype``; :meth:`get_config` returns them.
+
+    Args:
+        dtype: the dtype policy of every layer (``"float32"``, ``"mixed_float16"``,
+            ``"mixed_bfloat16"`` or a ``keras.DTypePolicy``), as keras-hub backbones
+            take it; ``None`` uses Keras' global policy at construction. The input
+            stays float32, and the L2-normalised output is float32 under every
+            policy. Keras' global policy is never changed.
+
+    Example:
+
+    ```python
+    model = DOLG(backbone="resnet_tiny", feature_dim=64, embedding_dim=128, atrous_filters=32,
+                 dilation_rates=(2, 4, 6), dtype="mixed_float16")
+    model.compute_dtype  # "float16"; keras.config.dtype_policy() is unchanged
+    ```
 
     Reference:
         Yang et al., "DOLG: Single-Stage Image Retrieval with Deep Orthogonal
@@ -52,6 +69,7 @@ class DOLG(keras.Model):
         pixel_std=(0.229, 0.224, 0.225),
         train_image_size: int | None = None,
         name: str = "dolg",
+        dtype=None,
         **kwargs,
     ):
         config = ModelConfig(
@@ -71,9 +89,13 @@ class DOLG(keras.Model):
             pixel_std=tuple(pixel_std),
             train_image_size=train_image_size,
         )
+        # Resolved here, once, and handed to every layer: the global policy is read, never set.
+        policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
         images = keras.Input(shape=(None, None, 3), dtype="float32", name="images")
-        x = ImageNormalization(config.pixel_mean, config.pixel_std, config.channel_order, name="normalize")(images)
-        res4, res5 = feature_taps(build_backbone(config.backbone), name="backbone")(x)
+        x = ImageNormalization(
+            config.pixel_mean, config.pixel_std, config.channel_order, name="normalize", dtype=policy
+        )(images)
+        res4, res5 = feature_taps(build_backbone(config.backbone, dtype=policy), name="backbone")(x)
         local, attention = LocalBranch(
             filters=config.feature_dim,
             multi_atrous=config.multi_atrous,
@@ -82,13 +104,19 @@ class DOLG(keras.Model):
             bn_epsilon=config.bn_epsilon,
             return_attention=True,
             name="local_branch",
+            dtype=policy,
         )(res4)
-        pooled = GeM(p=config.gem_p, eps=config.gem_eps, trainable_p=config.gem_trainable, name="gem")(res5)
-        global_features = keras.layers.Dense(config.feature_dim, name="global_fc")(pooled)
-        fused = OrthogonalFusion(epsilon=config.fusion_epsilon, name="fusion")([local, global_features])
-        descriptor = keras.layers.Dense(config.embedding_dim, name="embedding_fc")(fused)
-        embedding = L2Normalize(name="l2_normalize")(descriptor)
+        pooled = GeM(
+            p=config.gem_p, eps=config.gem_eps, trainable_p=config.gem_trainable, name="gem", dtype=policy
+        )(res5)
+        global_features = keras.layers.Dense(config.feature_dim, name="global_fc", dtype=policy)(pooled)
+        fused = OrthogonalFusion(epsilon=config.fusion_epsilon, name="fusion", dtype=policy)([local, global_features])
+        descriptor = keras.layers.Dense(config.embedding_dim, name="embedding_fc", dtype=policy)(fused)
+        # float32 whatever the policy: the descriptor is normalised and returned in full precision.
+        embedding = L2Normalize(name="l2_normalize", dtype="float32")(descriptor)
         super().__init__(inputs=images, outputs=embedding, name=name, **kwargs)
+        # A functional model drops a ``dtype`` argument; set the policy as keras-hub's Backbone does.
+        self.dtype_policy = policy
         self.config = config
         self._feature_outputs = {
             "embedding": embedding,
@@ -118,13 +146,15 @@ class DOLG(keras.Model):
     def get_config(self) -> dict[str, Any]:
         config = self.config.to_dict()
         config["name"] = self.name
+        config["dtype"] = self.dtype_policy.name
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         config.pop("trainable", None)
-        config.pop("dtype", None)
+        if isinstance(config.get("dtype"), dict):  # a serialized DTypePolicy
+            config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
         return cls(**config)
 
 
@@ -133,6 +163,7 @@ def build_dolg(
     *,
     weights: str | None = None,
     backbone_weights: str | None = None,
+    dtype=None,
     **overrides: Any,
 ) -> DOLG:
     """Builds a DOLG model from a preset.
@@ -145,6 +176,8 @@ def build_dolg(
         backbone_weights: optional keras-hub ResNet preset for the backbone:
             a name such as ``"resnet_101_imagenet"`` (downloaded by keras-hub)
             or a local preset directory (no network).
+        dtype: the model's dtype policy (see :class:`DOLG`); ``None``: Keras'
+            global policy. The global policy is left as it is.
         **overrides: any :class:`dolg_tf.config.ModelConfig` field.
 
     Returns:
@@ -155,7 +188,7 @@ def build_dolg(
         WeightsError: weights that do not exist or do not fit.
     """
     config = model_config(preset, **overrides)
-    model = DOLG(**config.to_dict())
+    model = DOLG(**config.to_dict(), dtype=dtype)
     if backbone_weights is not None:
         source = load_backbone_preset(backbone_weights)
         copy_backbone_weights(source, model.backbone)
@@ -175,19 +208,17 @@ def load_dolg(path: str) -> DOLG:
     Raises:
         WeightsError: missing or unreadable file, or a file that is not a DOLG model.
     """
-    import os
-
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        if is_saved_model_dir(path):
             raise WeightsError(
                 f"{path!r} is a SavedModel (an export), not a Keras model; export from the .keras file it was made "
                 "from (e.g. runs/<run>/dolg.keras or the output of `dolg convert`), or serve this export as it is"
             )
-        exports = [n for n in sorted(os.listdir(path)) if n.isascii() and n.isdigit()]
-        if any(os.path.isfile(os.path.join(path, n, "saved_model.pb")) for n in exports):
+        exports = complete_versions(path)
+        if exports:
             raise WeightsError(
-                f"{path!r} is an export base path (SavedModel versions {', '.join(exports)}), not a Keras model; "
-                "pass the .keras file the export was made from"
+                f"{path!r} is an export base path (SavedModel versions {', '.join(map(str, exports))}), "
+                "not a Keras model; pass the .keras file the export was made from"
             )
         raise WeightsError(f"{path!r} is a directory; expected a .keras model file")
     if not os.path.isfile(path):

@@ -1,4 +1,15 @@
-"""DOLG training: configs, optimizers, strategies and the distributed training loop.
+"""DOLG training: configs, the task (model, head, optimizer, replica step), the loop, post-run steps.
+
+Layout, as in TensorFlow Model Garden:
+
+- :mod:`dolg_tf.training.config`: :class:`TrainConfig`, presets, and :func:`run_config`,
+  which resolves a run's configuration once into a frozen :class:`RunConfig`;
+- :mod:`dolg_tf.training.task`: :class:`RetrievalTask` builds the model, margin head
+  and optimizer and defines the replica step;
+- :mod:`dolg_tf.training.loop`: :class:`TrainLoop` runs the steps, checkpoints,
+  summaries, signals and progress;
+- :mod:`dolg_tf.training.steps`: demo evaluation, ``.keras`` save and export after the
+  loop; :func:`train` runs loop and steps as ``dolg train`` does.
 
 ``python training/train.py`` and ``dolg train`` are the command-line entry points.
 TensorFlow-dependent names are imported on first use, so ``dolg --help`` stays fast.
@@ -6,19 +17,22 @@ TensorFlow-dependent names are imported on first use, so ``dolg --help`` stays f
 
 import importlib
 
-from dolg_tf.training.config import TRAIN_PRESETS, TrainConfig, train_config
+from dolg_tf.training.config import TRAIN_PRESETS, RunConfig, TrainConfig, run_config, train_config
 
 _LAZY = {
     "WarmupCosine": "dolg_tf.training.optim",
     "build_optimizer": "dolg_tf.training.optim",
     "build_schedule": "dolg_tf.training.optim",
     "make_strategy": "dolg_tf.training.strategy",
-    "Trainer": "dolg_tf.training.trainer",
-    "TrainResult": "dolg_tf.training.trainer",
-    "demo_retrieval": "dolg_tf.training.trainer",
+    "RetrievalTask": "dolg_tf.training.task",
+    "TrainState": "dolg_tf.training.task",
+    "TrainLoop": "dolg_tf.training.loop",
+    "TrainResult": "dolg_tf.training.loop",
+    "demo_retrieval": "dolg_tf.training.steps",
+    "train": "dolg_tf.training.steps",
 }
 
-__all__ = ["TRAIN_PRESETS", "TrainConfig", "train_config", *_LAZY]
+__all__ = ["TRAIN_PRESETS", "RunConfig", "TrainConfig", "run_config", "train_config", *_LAZY]
 
 
 def __getattr__(name):

@@ -7,21 +7,25 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sys
-from typing import Any
 
-from dolg_tf.errors import DolgError
+from dolg_tf.config import ModelConfig
+from dolg_tf.data.config import DataConfig
+from dolg_tf.errors import ConfigError, DolgError
 from dolg_tf.training.config import (
     DATA_FORMATS,
     HEADS,
     MIXED_PRECISION,
     OPTIMIZERS,
+    SHARED_DATA_FIELDS,
     STRATEGIES,
     TRAIN_PRESETS,
+    RunConfig,
     TrainConfig,
+    run_config,
     split_overrides,
-    train_config,
 )
 
 # Flag name -> TrainConfig field, for the flags that override the preset only when given.
@@ -29,8 +33,8 @@ _FLAG_FIELDS = (
     "strategy", "data", "data_format", "image_size", "batch_size", "epochs", "steps_per_epoch", "lr",
     "optimizer", "head", "mixed_precision", "jit", "model_dir", "resume", "export", "seed",
 )
-# DataConfig fields that TrainConfig owns (the data section takes them from the train section).
-_SHARED_DATA_FIELDS = ("data", "data_format", "image_size", "class_balanced", "seed")
+# Flags that take --name / --no-name (argparse.BooleanOptionalAction).
+_BOOLEAN_FLAGS = ("jit", "resume", "export")
 
 EPILOG = """\
 examples:
@@ -101,49 +105,70 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def _data_fields() -> list[str]:
-    from dolg_tf.data.config import DataConfig
-
-    return [f.name for f in dataclasses.fields(DataConfig) if f.name not in _SHARED_DATA_FIELDS]
-
-
-def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any], dict[str, Any]]:
-    """Preset -> flags -> ``--set`` overrides -> validated configs.
-
-    Returns:
-        ``(train_config, model_overrides, data_overrides)``.
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Preset -> flags -> ``--set`` overrides -> one frozen, validated :class:`RunConfig`.
 
     Raises:
         ConfigError: an unknown preset, field or invalid value.
     """
-    from dolg_tf.config import ModelConfig
-
     sections = {
         "train": [f.name for f in dataclasses.fields(TrainConfig)],
         "model": [f.name for f in dataclasses.fields(ModelConfig)],
-        "data": _data_fields(),
+        "data": [f.name for f in dataclasses.fields(DataConfig) if f.name not in SHARED_DATA_FIELDS],
     }
     sets = split_overrides(args.overrides, sections)
     flags = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name, None) is not None}
     preset = sets["train"].pop("preset", args.preset)
-    config = train_config(preset, **{**flags, **sets["train"]})  # --set wins over a flag
-    # Building the model config validates the model overrides before anything heavy runs.
-    from dolg_tf.config import model_config
+    # --set wins over a flag.
+    return run_config(preset, model_overrides=sets["model"], data_overrides=sets["data"],
+                      **{**flags, **sets["train"]})
 
-    model_config(config.preset, **sets["model"])
-    return config, sets["model"], sets["data"]
+
+def in_flag_terms(message: str) -> str:
+    """Rewrites the library's argument names in ``message`` as this command's flags.
+
+    ``resume=True`` becomes ``--resume``, ``jit=False`` ``--no-jit``, ``model_dir``
+    ``--model-dir``, and a boolean field without a flag ``--set name=true``. Quoted
+    values (``'runs/model_dir'``) are left as they are.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+
+    def boolean(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2) == "True"
+        if name in _BOOLEAN_FLAGS:
+            return f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+        if name in fields:
+            return f"--set {name}={str(value).lower()}"
+        return match.group(0)
+
+    def rewrite(text: str) -> str:
+        text = re.sub(r"\b([a-z][a-z0-9_]*)=(True|False)\b", boolean, text)
+        for name in _FLAG_FIELDS:
+            if "_" in name:
+                text = re.sub(rf"(?<![-./\w]){name}\b(?!=)", "--" + name.replace("_", "-"), text)
+        return text
+
+    # Odd pieces are quoted values (paths): never rewritten.
+    pieces = re.split(r"('[^']*')", message)
+    return "".join(piece if i % 2 else rewrite(piece) for i, piece in enumerate(pieces))
 
 
 def run(args: argparse.Namespace) -> int:
     """Trains from parsed flags, prints the summary; returns the exit status."""
-    config, model_overrides, data_overrides = resolve_config(args)
-    from dolg_tf.training.trainer import Trainer
+    config = resolve_config(args)
+    # Imported here, not at the top: this module gives `dolg --help` its flags, and the loop
+    # imports TensorFlow and Keras, which take seconds.
+    from dolg_tf.training.loop import TrainLoop
+    from dolg_tf.training.steps import train
 
-    trainer = Trainer(config, model_overrides=model_overrides, data_overrides=data_overrides)
-    result = trainer.fit()
+    try:
+        loop = TrainLoop(config)
+    except ConfigError as err:
+        raise ConfigError(in_flag_terms(str(err))) from err
+    result = train(loop)
     summary = result.to_dict()
     print(json.dumps(summary, sort_keys=True), flush=True)
-    if trainer.chief:
+    if loop.chief:
         print(_human_summary(result), flush=True)
     if result.interrupted:
         return 128 + int(getattr(signal, result.interrupted))
@@ -187,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("absl", "tensorflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
+        # Not at the top: dolg_tf.cli imports this module to register `dolg train` (an import cycle).
         from dolg_tf.cli._common import import_tensorflow_quietly
 
         import_tensorflow_quietly()

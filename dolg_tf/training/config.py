@@ -1,8 +1,10 @@
-"""Training configuration: a frozen :class:`TrainConfig`, presets and ``key=value`` overrides.
+"""Training configuration: a frozen :class:`TrainConfig`, presets, ``key=value`` overrides,
+and the :class:`RunConfig` that a run is made from.
 
 Config flows one way: training preset -> command-line flags -> ``--set key=value``
-overrides -> validation -> frozen config. The resolved config (model + data +
-train) is written as ``config.json`` beside the checkpoints.
+overrides -> validation -> one frozen :class:`RunConfig` (train + model + data),
+resolved once by :func:`run_config` and handed down to the task and the loop. The
+resolved config is written as ``config.json`` beside the checkpoints.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dolg_tf.config import MODEL_PRESETS, FrozenConfig
+from dolg_tf.config import MODEL_PRESETS, FrozenConfig, ModelConfig, model_config
+from dolg_tf.data.config import DataConfig
 from dolg_tf.errors import ConfigError
 
 STRATEGIES = ("mirrored", "multiworker", "tpu", "one_device")
@@ -22,6 +25,10 @@ OPTIMIZERS = ("sgd", "adamw")
 HEADS = ("arcface", "curricularface", "subcenter")
 MIXED_PRECISION = ("off", "float16", "bfloat16")
 DATA_FORMATS = ("gldv2", "csv", "folder", "tfrecord")
+# DataConfig fields that TrainConfig owns (the data section takes them from the train section).
+SHARED_DATA_FIELDS = ("data", "data_format", "image_size", "class_balanced", "seed")
+# TrainConfig.mixed_precision -> the model's Keras dtype policy.
+DTYPE_POLICIES = {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +189,11 @@ class TrainConfig(FrozenConfig):
     def is_demo(self) -> bool:
         return self.data in ("demo", "")
 
+    @property
+    def dtype_policy(self) -> str:
+        """The model's Keras dtype policy for ``mixed_precision``."""
+        return DTYPE_POLICIES[self.mixed_precision]
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -297,3 +309,66 @@ def split_overrides(
             section, name = owners[0], key
         out[section][name] = parse_value(value)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run is made from, resolved once (see :func:`run_config`).
+
+    Attributes:
+        train: the recipe, strategy, schedule and output paths.
+        model: the architecture (``train_image_size`` records ``train.image_size``
+            unless overridden).
+        data: sampling and augmentation (``image_size``, ``seed`` and ``class_balanced``
+            come from ``train``); where the data lives is ``train.data``.
+    """
+
+    train: TrainConfig
+    model: ModelConfig
+    data: DataConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"train": self.train.to_dict(), "model": self.model.to_dict(), "data": self.data.to_dict()}
+
+
+def run_config(
+    preset: str = "tiny",
+    *,
+    model_overrides: Mapping[str, Any] | None = None,
+    data_overrides: Mapping[str, Any] | None = None,
+    **train: Any,
+) -> RunConfig:
+    """Resolves a run's configuration once: presets, then overrides, then one frozen :class:`RunConfig`.
+
+    Args:
+        preset: the training preset (it names the model preset too).
+        model_overrides: :class:`dolg_tf.config.ModelConfig` fields over the model preset's.
+        data_overrides: :class:`dolg_tf.data.DataConfig` fields (not those of
+            :data:`SHARED_DATA_FIELDS`, which are the train section's).
+        **train: :class:`TrainConfig` fields over the training preset's.
+
+    Returns:
+        A frozen :class:`RunConfig`.
+
+    Raises:
+        ConfigError: an unknown preset or field, or an invalid value in any section.
+
+    Example:
+
+    ```python
+    config = run_config("tiny", epochs=1, model_overrides={"gem_p": 4.0}, data_overrides={"min_crop_area": 0.3})
+    config.model.train_image_size == config.train.image_size == config.data.image_size  # True
+    ```
+    """
+    train_cfg = train_config(preset, **train)
+    # The model records the crop size it is trained at; exports default to it.
+    model_cfg = model_config(train_cfg.preset,
+                             **{"train_image_size": train_cfg.image_size, **dict(model_overrides or {})})
+    owned = sorted(set(data_overrides or {}) & set(SHARED_DATA_FIELDS))
+    if owned:
+        raise ConfigError(f"data fields {owned} are set through the train section's fields of the same names")
+    data_cfg = DataConfig().replace(
+        image_size=train_cfg.image_size, seed=train_cfg.seed, class_balanced=train_cfg.class_balanced,
+        **dict(data_overrides or {}),
+    )
+    return RunConfig(train=train_cfg, model=model_cfg, data=data_cfg)
