@@ -52,14 +52,14 @@ def child(preset: str, size: int, batch: int, steps: int, warmup: int, mixed_pre
     import numpy as np
     import tensorflow as tf
 
-    from dolg_tf.training import train_config
-    from dolg_tf.training.trainer import Trainer
+    from dolg_tf.training import run_config
+    from dolg_tf.training.loop import TrainLoop
 
-    config = train_config(preset, image_size=size, batch_size=batch, epochs=1, steps_per_epoch=1000,
-                          warmup_epochs=0.0, export=False, eval_demo=False, progress=False,
-                          mixed_precision=mixed_precision, model_dir=os.path.join("/tmp", f"dolg-bench-{os.getpid()}"))
+    config = run_config(preset, image_size=size, batch_size=batch, epochs=1, steps_per_epoch=1000,
+                        warmup_epochs=0.0, export=False, eval_demo=False, progress=False,
+                        mixed_precision=mixed_precision, model_dir=os.path.join("/tmp", f"dolg-bench-{os.getpid()}"))
     t0 = time.perf_counter()
-    trainer = Trainer(config)
+    trainer = TrainLoop(config)
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32))
