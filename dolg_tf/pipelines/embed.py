@@ -218,9 +218,10 @@ def embed_batch(
         batch_size: images per model call (default and maximum: the export's
             ``max_batch_size``).
         rows_per_shard: rows per Parquet file (the shard count follows from the total).
-        milvus_uri, milvus_collection: also upsert the rows into this Milvus collection
-            (created with string ids and a ``milvus_kind`` index if missing); ``http://host:19530``
+        milvus_uri: also upsert the rows into a Milvus collection here: ``http://host:19530``
             or a Milvus Lite ``.db`` path (in-process runner only: the file is locked by one process).
+        milvus_collection: that collection's name (created with string ids and a
+            ``milvus_kind`` index if missing).
 
     Returns:
         The run summary (also written to ``out/dolg_embed_batch.json``) plus ``seconds``.
