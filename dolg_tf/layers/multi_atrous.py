@@ -9,6 +9,84 @@ from keras import ops
 
 from dolg_tf.errors import ConfigError, InputShapeError
 
+# Whether the dilated 3x3 branches run as per-tap 1x1 convolutions over only
+# the overlapping region (True) or through Keras' Conv2D (False). Read when a
+# call is traced; benchmarks switch it off to compare with the Keras lowering.
+_TAP_DECOMPOSITION = True
+
+
+def set_tap_decomposition(enabled: bool) -> None:
+    """Chooses how MultiAtrous computes its dilated convolutions in calls traced from now on.
+
+    Args:
+        enabled: True (the default) computes each dilated 3x3 convolution as
+            nine 1x1 convolutions, each over only the part of the map its tap
+            overlaps; False calls the Keras ``Conv2D`` layers, which
+            TensorFlow lowers to SpaceToBatchND -> Conv2D -> BatchToSpaceND over
+            a zero-padded map. Both give the same values; the weights are the
+            same variables.
+    """
+    global _TAP_DECOMPOSITION
+    _TAP_DECOMPOSITION = bool(enabled)
+
+
+def dilated_conv3x3_same(inputs, kernel, bias, rate: int):
+    """A 3x3 convolution with dilation ``rate``, "same" zero padding, stride 1, as nine sliced 1x1 convolutions.
+
+    Tap ``(i, j)`` of the kernel reads the input shifted by
+    ``((i - 1) * rate, (j - 1) * rate)``; outside the map it reads zeros, so
+    it only contributes where the shifted map overlaps the output. Each tap
+    is therefore a matrix product over channels of the overlapping slice of
+    the input (a matmul, not a 1x1 Conv2D: TensorFlow's CPU Conv2D returns a
+    wrongly shaped result for an empty input, which a slice can be),
+    zero-padded back to the output's size and added. On a map of side ``n``
+    a tap that is off-centre along an axis covers ``max(n - rate, 0)`` rows
+    or columns instead of ``n`` (none when the map is not larger than the
+    dilation), which is the work the convolution actually needs. The map size
+    may be unknown until run time.
+
+    Args:
+        inputs: ``(batch, height, width, channels)``.
+        kernel: ``(3, 3, channels, filters)``.
+        bias: ``(filters,)`` or None.
+        rate: the dilation (>= 1).
+
+    Returns:
+        ``(batch, height, width, filters)``, equal to
+        ``keras.layers.Conv2D(filters, 3, padding="same", dilation_rate=rate)``
+        with the same weights.
+    """
+    shape = ops.shape(inputs)
+    height, width = shape[1], shape[2]
+
+    def overlap(size, offset):
+        # input slice [start, stop) feeding output rows shifted by -offset; `pad` zero rows before/after
+        if offset > 0:
+            return slice(offset, None), (0, ops.minimum(size, offset))
+        if offset < 0:
+            return slice(0, ops.maximum(size + offset, 0)), (ops.minimum(size, -offset), 0)
+        return slice(None), (0, 0)
+
+    output = ops.matmul(inputs, kernel[1, 1])
+    for i in range(3):
+        row_slice, row_pad = overlap(height, (i - 1) * rate)
+        rows = inputs[:, row_slice]
+        band = None
+        for j in range(3):
+            if i == 1 and j == 1:
+                continue
+            col_slice, col_pad = overlap(width, (j - 1) * rate)
+            tap = ops.matmul(rows[:, :, col_slice], kernel[i, j])
+            if j != 1:
+                tap = ops.pad(tap, [[0, 0], [0, 0], list(col_pad), [0, 0]])
+            band = tap if band is None else band + tap
+        if i != 1:
+            band = ops.pad(band, [[0, 0], list(row_pad), [0, 0], [0, 0]])
+        output = output + band
+    if bias is not None:
+        output = output + bias
+    return output
+
 
 @keras.saving.register_keras_serializable(package="dolg_tf")
 class MultiAtrous(keras.layers.Layer):
@@ -88,7 +166,16 @@ class MultiAtrous(keras.layers.Layer):
         # Broadcasting the 1x1 map is exactly bilinear upsampling of a 1x1 map,
         # and it follows the input's run-time H x W.
         pooled = ops.broadcast_to(pooled, ops.shape(branch_1x1))
-        branches = [pooled, branch_1x1] + [conv(inputs) for conv in self.atrous_convs]
+        if _TAP_DECOMPOSITION:
+            atrous = [
+                dilated_conv3x3_same(
+                    inputs, ops.cast(conv.kernel, self.compute_dtype), ops.cast(conv.bias, self.compute_dtype), rate
+                )
+                for conv, rate in zip(self.atrous_convs, self.dilation_rates)
+            ]
+        else:
+            atrous = [conv(inputs) for conv in self.atrous_convs]
+        branches = [pooled, branch_1x1] + atrous
         return ops.relu(self.project(ops.concatenate(branches, axis=-1)))
 
     def compute_output_shape(self, input_shape):
