@@ -113,10 +113,10 @@ class MultiAtrous(keras.layers.Layer):
     Output shape:
         4D tensor ``(batch, height, width, out_filters)``.
 
-    Example:
-    >>> y = MultiAtrous(filters=8, out_filters=16)(keras.random.normal((1, 5, 7, 4)))
-    >>> tuple(y.shape)
-    (1, 5, 7, 16)
+    Examples:
+        >>> y = MultiAtrous(filters=8, out_filters=16)(keras.random.normal((1, 5, 7, 4)))
+        >>> tuple(y.shape)
+        (1, 5, 7, 16)
 
     Reference:
         Yang et al., "DOLG", ICCV 2021, Sec. 3.2; Chen et al., DeepLab v3.
