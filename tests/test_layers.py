@@ -1,5 +1,6 @@
 """Per-layer tests: config round trip, symbolic shapes, eager, training step, save/load, values."""
 
+import inspect
 import math
 
 import keras
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import dolg_tf.layers
 from dolg_tf.errors import ConfigError, InputShapeError
 from dolg_tf.layers import (
     ArcFace,
@@ -20,24 +22,82 @@ from dolg_tf.layers import (
     SubCenterArcFace,
     dynamic_margins,
 )
-from tests.layer_checks import check_config_round_trip, check_save_load, check_symbolic_shape, check_training_step
+from tests.layer_checks import check_config_round_trip, check_save_load, check_symbolic_shape, run_layer_test
 
 
 def _uniform(rng, shape, low=0.0, high=1.0):
     return rng.uniform(low, high, size=shape).astype("float32")
 
 
+# ---------------------------------------------------------------- the harness, for every layer
+_LABELS = np.array([0, 3, 6, 3, 1], "int32")
+
+
+def _cross_entropy(logits):
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=_LABELS, logits=logits))
+
+
+def _head_inputs(rng):
+    return [_uniform(rng, (5, 12), -1, 1), _LABELS]
+
+
+_MARGINS = [float(m) for m in np.linspace(0.1, 0.4, 7)]
+# (layer class, constructor arguments, inputs from an rng, eager output shape(s), extra run_layer_test arguments)
+CONTRACT_CASES = {
+    "gem": (GeM, dict(p=3.0), lambda r: _uniform(r, (2, 5, 7, 16), 0.1, 2.0), (2, 16), {}),
+    "gem-frozen-p": (GeM, dict(p=2.5, trainable_p=False), lambda r: _uniform(r, (2, 5, 7, 16), 0.1, 2.0), (2, 16), {}),
+    "multi_atrous": (
+        MultiAtrous, dict(filters=8, dilation_rates=(1, 2, 3), out_filters=12),
+        lambda r: _uniform(r, (2, 9, 7, 6), -1, 1), (2, 9, 7, 12), {},
+    ),
+    "local_branch": (
+        LocalBranch, dict(filters=16, atrous_filters=4, dilation_rates=(1, 2)),
+        lambda r: _uniform(r, (2, 5, 6, 8), -1, 1), (2, 5, 6, 16), {},
+    ),
+    "local_branch-attention-no_atrous": (
+        LocalBranch, dict(filters=16, multi_atrous=False, return_attention=True),
+        lambda r: _uniform(r, (2, 5, 6, 8), -1, 1), [(2, 5, 6, 16), (2, 5, 6, 1)], {},
+    ),
+    "orthogonal_fusion": (
+        OrthogonalFusion, dict(epsilon=1e-6),
+        lambda r: [_uniform(r, (2, 3, 5, 8), -1, 1), _uniform(r, (2, 8), -1, 1)], (2, 16), {},
+    ),
+    "image_normalization-bgr": (
+        ImageNormalization, dict(mean=(0.406, 0.456, 0.485), std=(0.225, 0.224, 0.229), channel_order="bgr"),
+        lambda r: _uniform(r, (2, 3, 4, 3), 0, 255), (2, 3, 4, 3), {},
+    ),
+    "l2_normalize": (L2Normalize, {}, lambda r: _uniform(r, (4, 10), -1, 1), (4, 10), dict(output_dtype="float32")),
+    "arcface": (
+        ArcFace, dict(num_classes=7, scale=30.0, margin=0.15), _head_inputs, (5, 7),
+        dict(output_dtype="float32", loss_fn=_cross_entropy),
+    ),
+    "curricularface": (
+        CurricularFace, dict(num_classes=7, scale=30.0, margin=0.15), _head_inputs, (5, 7),
+        dict(output_dtype="float32", loss_fn=_cross_entropy),
+    ),
+    "subcenter_arcface": (
+        SubCenterArcFace, dict(num_classes=7, k=3, margins=_MARGINS), _head_inputs, (5, 7),
+        dict(output_dtype="float32", loss_fn=_cross_entropy),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CONTRACT_CASES))
+def test_layer_contract(case, rng, tmp_path):
+    """Config round trip, symbolic and eager shapes, a training step, .keras save/load, each dtype policy."""
+    cls, kwargs, make_inputs, shape, extra = CONTRACT_CASES[case]
+    run_layer_test(cls, kwargs, make_inputs(rng), tmp_path=tmp_path, expected_output_shape=shape, **extra)
+
+
+def test_every_layer_goes_through_the_harness():
+    members = inspect.getmembers(dolg_tf.layers, inspect.isclass)
+    layers = {obj for _, obj in members if issubclass(obj, keras.layers.Layer)}
+    covered = {cls for cls, *_ in CONTRACT_CASES.values()}
+    assert layers == covered, f"no contract case for {sorted(c.__name__ for c in layers - covered)}"
+
+
 # ---------------------------------------------------------------- GeM
 class TestGeM:
-    def test_contract(self, rng, tmp_path):
-        layer = GeM(p=3.0)
-        check_config_round_trip(layer)
-        check_symbolic_shape(GeM(), keras.Input((None, None, 16)))
-        x = _uniform(rng, (2, 5, 7, 16), 0.1, 2.0)
-        assert tuple(layer(x).shape) == (2, 16)
-        check_training_step(layer, x)
-        check_save_load(GeM(p=2.5), [((None, None, None, 16), "float32")], [x], tmp_path)
-
     def test_p1_is_mean_and_large_p_tends_to_max(self, rng):
         x = _uniform(rng, (3, 6, 5, 8), 0.5, 1.0)
         np.testing.assert_allclose(GeM(p=1.0)(x), x.mean(axis=(1, 2)), rtol=1e-5)
@@ -73,15 +133,6 @@ class TestGeM:
 class TestMultiAtrous:
     def _layer(self):
         return MultiAtrous(filters=8, dilation_rates=(1, 2, 3), out_filters=12)
-
-    def test_contract(self, rng, tmp_path):
-        check_config_round_trip(self._layer())
-        check_symbolic_shape(self._layer(), keras.Input((None, None, 6)))
-        x = _uniform(rng, (2, 9, 7, 6), -1, 1)
-        layer = self._layer()
-        assert tuple(layer(x).shape) == (2, 9, 7, 12)
-        check_training_step(layer, x)
-        check_save_load(self._layer(), [((None, None, None, 6), "float32")], [x], tmp_path)
 
     @pytest.mark.parametrize("hw", [(1, 1), (7, 5), (3, 11), (13, 13), (2, 40)])
     def test_keeps_any_spatial_size(self, rng, hw):
@@ -138,16 +189,6 @@ class TestLocalBranch:
         kw.setdefault("dilation_rates", (1, 2))
         return LocalBranch(**kw)
 
-    def test_contract(self, rng, tmp_path):
-        check_config_round_trip(self._layer(return_attention=True))
-        check_symbolic_shape(self._layer(), keras.Input((None, None, 8)))
-        check_symbolic_shape(self._layer(return_attention=True), keras.Input((None, None, 8)))
-        x = _uniform(rng, (2, 5, 6, 8), -1, 1)
-        layer = self._layer()
-        assert tuple(layer(x).shape) == (2, 5, 6, 16)
-        check_training_step(layer, x)
-        check_save_load(self._layer(), [((None, None, None, 8), "float32")], [x], tmp_path)
-
     @pytest.mark.parametrize("multi_atrous", [True, False])
     def test_output_is_attention_times_unit_features(self, rng, multi_atrous):
         layer = self._layer(multi_atrous=multi_atrous, return_attention=True)
@@ -167,19 +208,6 @@ class TestLocalBranch:
 
 # ---------------------------------------------------------------- OrthogonalFusion
 class TestOrthogonalFusion:
-    def test_contract(self, rng, tmp_path):
-        layer = OrthogonalFusion(epsilon=1e-6)
-        check_config_round_trip(layer)
-        check_symbolic_shape(OrthogonalFusion(), [keras.Input((None, None, 8)), keras.Input((8,))])
-        local, glob = _uniform(rng, (2, 3, 5, 8), -1, 1), _uniform(rng, (2, 8), -1, 1)
-        assert tuple(layer([local, glob]).shape) == (2, 16)
-        check_save_load(
-            OrthogonalFusion(),
-            [((None, None, None, 8), "float32"), ((None, 8), "float32")],
-            [local, glob],
-            tmp_path,
-        )
-
     def test_gradients_reach_both_inputs(self, rng):
         local = tf.constant(_uniform(rng, (2, 3, 5, 8), -1, 1))
         glob = tf.constant(_uniform(rng, (2, 8), -1, 1))
@@ -250,20 +278,6 @@ HEADS = [
 
 
 class TestMarginHeads:
-    @pytest.mark.parametrize("make", HEADS)
-    def test_contract(self, make, rng, tmp_path):
-        check_config_round_trip(make())
-        emb, labels = _uniform(rng, (5, 12), -1, 1), np.array([0, 3, 6, 3, 1], "int32")
-        check_symbolic_shape(make(), [keras.Input((12,)), keras.Input((), dtype="int32")])
-        head = make()
-        out = head([emb, labels])
-        assert tuple(out.shape) == (5, 7) and out.dtype == "float32"
-        loss_fn = lambda logits: tf.reduce_mean(  # noqa: E731
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-        )
-        check_training_step(head, [emb, labels], loss_fn)
-        check_save_load(make(), [((None, 12), "float32"), ((None,), "int32")], [emb, labels], tmp_path)
-
     def test_arcface_zero_margin_is_scaled_cosine_and_margin_lowers_target(self, rng):
         emb, labels = _uniform(rng, (6, 16), -1, 1), rng.integers(0, 9, 6).astype("int32")
         plain = ArcFace(9, scale=30.0, margin=0.0)
@@ -362,3 +376,4 @@ class TestMarginHeads:
             ArcFace(3, margin=math.pi)
         with pytest.raises(ConfigError, match="3 values"):
             SubCenterArcFace(3, margins=[0.1, 0.2])
+

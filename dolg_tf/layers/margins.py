@@ -171,7 +171,8 @@ class CurricularFace(_MarginHead):
     def build(self, input_shape):
         super().build(input_shape)
         self.t = self.add_weight(
-            name="t", shape=(), initializer="zeros", trainable=False, dtype="float32", aggregation="mean"
+            name="t", shape=(), initializer="zeros", trainable=False, dtype="float32", aggregation="mean",
+            autocast=False,  # read as float32 under a mixed policy too: it is updated with float32 cosines
         )
 
     def call(self, inputs, training=None):
