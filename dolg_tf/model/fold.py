@@ -141,7 +141,9 @@ def inference_model(model):
     returned unchanged, and so is every model after
     ``set_export_folding(False)``.
     """
-    if not _FOLD_FOR_EXPORT or not isinstance(model, keras.Model) or getattr(model, "compute_dtype", None) != "float32":
+    if not _FOLD_FOR_EXPORT or not isinstance(model, keras.Model):
+        return model
+    if getattr(model, "compute_dtype", None) != "float32":
         return model
     try:
         inputs = model.inputs  # subclassed models have no symbolic inputs
