@@ -169,7 +169,9 @@ class DolgServer:
             self._rest.begin_drain()
             left = self._rest.drain(grace_s)
             if left:
-                logger.warning("%d REST request(s) still running after %.1f s; closing their connections", left, grace_s)
+                logger.warning(
+                    "%d REST request(s) still running after %.1f s; closing their connections", left, grace_s
+                )
             self._rest.shutdown()  # the accept loop ends
             self._rest.server_close()  # new connections are refused
             self._rest.close_connections()

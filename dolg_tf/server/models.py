@@ -248,7 +248,8 @@ class Servable:
             except Exception as err:  # protobuf's DecodeError has no stable import path
                 raise ServingError(f"{path}: record {count} is not a PredictionLog: {err}") from None
             if log.WhichOneof("log_type") != "predict_log":
-                raise ServingError(f"{path}: record {count} is {log.WhichOneof('log_type')}, only predict_log is supported")
+                kind = log.WhichOneof("log_type")
+                raise ServingError(f"{path}: record {count} is {kind}, only predict_log is supported")
             try:
                 self.predict(log.predict_log.request)
             except RequestError as err:
@@ -285,7 +286,9 @@ def progress(message: str, every_s: float = PROGRESS_EVERY_S) -> Iterator[None]:
         thread.join()
 
 
-_EAGER_PREFIX = re.compile(r"^Graph execution error:\s*(?:Detected at node .*?\n<stack traces unavailable>\n)?", re.DOTALL)
+_EAGER_PREFIX = re.compile(
+    r"^Graph execution error:\s*(?:Detected at node .*?\n<stack traces unavailable>\n)?", re.DOTALL
+)
 _EAGER_SUFFIX = re.compile(r"\s*\[Op:__inference_[^\]]*\]\s*$")
 
 
@@ -358,7 +361,9 @@ class ModelManager:
         try:
             return scan_versions(self.base_path)
         except PermissionError as err:
-            raise ServingError(f"cannot list model base path {self.base_path}: permission denied ({describe_user()})") from err
+            raise ServingError(
+                f"cannot list model base path {self.base_path}: permission denied ({describe_user()})"
+            ) from err
         except OSError as err:
             raise ServingError(f"cannot list model base path {self.base_path}: {err.strerror or err}") from err
 
@@ -507,7 +512,9 @@ class ModelManager:
         if name != self.model_name:
             raise not_found(f"Servable not found for request: model {name!r} (this server serves {self.model_name!r})")
         if version is not None and label:
-            raise invalid_argument(f"Both model version ({version}) and model version label ({label}) cannot be supplied.")
+            raise invalid_argument(
+                f"Both model version ({version}) and model version label ({label}) cannot be supplied."
+            )
         if label:
             if label not in self.labels:
                 raise not_found(f"Unrecognized servable version label: {label!r} of model {name}")
@@ -538,7 +545,9 @@ class ModelManager:
         label = model_spec.version_label if model_spec.WhichOneof("version_choice") == "version_label" else None
         return self.resolve(model_spec.name, version, label)
 
-    def version_states(self, name: str, version: int | None = None, label: str | None = None) -> dict[int, VersionState]:
+    def version_states(
+        self, name: str, version: int | None = None, label: str | None = None
+    ) -> dict[int, VersionState]:
         """The states ``GetModelStatus`` reports (all versions when neither version nor label is given)."""
         version = self._requested_version(name, version, label)
         with self._lock:

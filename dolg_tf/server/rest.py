@@ -50,7 +50,9 @@ logger = logging.getLogger(__name__)
 _PREDICT_PATH = re.compile(
     r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?:(classify|regress|predict)", re.IGNORECASE
 )
-_STATUS_PATH = re.compile(r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?", re.IGNORECASE)
+_STATUS_PATH = re.compile(
+    r"/v1/models(?:/([^/:]+))?(?:/versions/(\d+)|/labels/([^/:]+))?(?:/(metadata))?", re.IGNORECASE
+)
 _API_PATH = re.compile(r"/v1/.*", re.IGNORECASE)
 
 
@@ -204,7 +206,9 @@ def parse_predict_body(
                 raise invalid_argument(f"Missing named input: {missing[0]} in 'inputs' object.")
             extra = sorted(set(value) - set(names))
             if extra:
-                raise invalid_argument(f"Unknown named input: {extra[0]} in 'inputs' object (inputs: {', '.join(names)})")
+                raise invalid_argument(
+                    f"Unknown named input: {extra[0]} in 'inputs' object (inputs: {', '.join(names)})"
+                )
             for n in names:
                 if isinstance(value[n], list):
                     check_batch(n, len(value[n]))
@@ -258,7 +262,9 @@ class RestApi:
         if method == "POST" and (match := _PREDICT_PATH.fullmatch(path)):
             name, version, label, verb = match.groups()
             if verb.lower() != "predict":
-                raise RequestError(grpc.StatusCode.UNIMPLEMENTED, f"{verb} is not supported: DOLG exports predict signatures only")
+                raise RequestError(
+                    grpc.StatusCode.UNIMPLEMENTED, f"{verb} is not supported: DOLG exports predict signatures only"
+                )
             return self._predict(unquote(name), _version(version), unquote(label) if label else None, body)
         if method == "GET" and (match := _STATUS_PATH.fullmatch(path)):
             name, version, label, sub = match.groups()
@@ -469,7 +475,8 @@ class _Handler(BaseHTTPRequestHandler):
             return 0
         if not _DIGITS.fullmatch(raw.strip()):
             raise _BodyError(
-                400, f"invalid Content-Length header {raw[:40]!r}: expected a number of bytes (0..{self.max_body_bytes})"
+                400,
+                f"invalid Content-Length header {raw[:40]!r}: expected a number of bytes (0..{self.max_body_bytes})",
             )
         return int(raw.strip())
 
@@ -658,7 +665,8 @@ class _Server(ThreadingHTTPServer):
             else:
                 refusal = None
                 thread = threading.Thread(
-                    target=self.process_request_thread, args=(request, client_address), name="dolg-rest-conn", daemon=True
+                    target=self.process_request_thread, args=(request, client_address), name="dolg-rest-conn",
+                    daemon=True,
                 )
                 self._connections[request] = thread
         if refusal is None:

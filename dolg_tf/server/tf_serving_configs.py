@@ -23,7 +23,11 @@ from dolg_tf.errors import ConfigError
 
 _LABEL = descriptor_pb2.FieldDescriptorProto
 # (name, number, label, type, type_name) per message, as in the .proto files.
-_WRAPPED = {"Int64": ".google.protobuf.Int64Value", "String": ".google.protobuf.StringValue", "Bool": ".google.protobuf.BoolValue"}
+_WRAPPED = {
+    "Int64": ".google.protobuf.Int64Value",
+    "String": ".google.protobuf.StringValue",
+    "Bool": ".google.protobuf.BoolValue",
+}
 _SCHEMA = {
     # tensorflow_serving/servables/tensorflow/session_bundle_config.proto
     "BatchingParameters": [
@@ -68,7 +72,8 @@ def _build_classes() -> dict[str, type]:
                 field.type_name = type_name
     pool.Add(file)
     return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{name}")) for name in _SCHEMA
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{name}"))
+        for name in _SCHEMA
     }
 
 
