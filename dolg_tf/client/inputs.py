@@ -30,7 +30,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dolg_tf.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS  # noqa: F401 - re-exported
+from dolg_tf.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from dolg_tf.errors import InvalidImageError
 
 # DEFAULT_MAX_IMAGE_*: the export's defaults (one definition in dolg_tf.config, which
