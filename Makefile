@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-all bench docs venv clean
+.PHONY: demo test test-fast test-all bench docs venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+# Unit tests only: no subprocess, no server (a few minutes on 2 cores).
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow and not integration"
 
 test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -m ""
