@@ -8,6 +8,8 @@ import subprocess
 import sys
 from importlib.metadata import version
 
+import pytest
+
 import dolg_tf
 from dolg_tf.cli import build_parser
 
@@ -20,6 +22,7 @@ def _run(*code_or_args: str, module: bool = False, env: dict | None = None) -> s
                           env={**os.environ, **(env or {})})  # fmt: skip
 
 
+@pytest.mark.integration
 def test_version_names_the_package_and_its_runtime_without_importing_tensorflow():
     code = (
         "import sys\n"
@@ -59,6 +62,7 @@ _NOISE = (
 )
 
 
+@pytest.mark.integration
 def test_start_up_filter_drops_only_the_cuda_init_lines_and_keeps_real_errors():
     code = (
         "import os, sys\n"
@@ -78,6 +82,7 @@ def test_start_up_filter_drops_only_the_cuda_init_lines_and_keeps_real_errors():
     assert proc.stderr == "before\nE0000 real_failure.cc:1] something broke\npython warning\nafter\n" + _NOISE
 
 
+@pytest.mark.integration
 def test_dolg_commands_start_tensorflow_without_the_cuda_init_error_line():
     # On a machine without an NVIDIA driver, TensorFlow's CUDA build prints the line at start-up
     # unless the command filters it (with a driver there is nothing to filter and it must not appear).

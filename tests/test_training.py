@@ -422,6 +422,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path):
     assert int(tf.train.load_variable(latest, "step/.ATTRIBUTES/VARIABLE_VALUE")) == summary["step"]
 
 
+@pytest.mark.integration
 def test_wrong_data_path_fails_before_training(tmp_path):
     model_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, TRAIN_PY, "--data", str(tmp_path / "missing"), "--model-dir",
