@@ -57,22 +57,33 @@ _LAZY = {
     "run_with_c_api": "dolg_tf.export.audit",
 }
 
-__all__ = sorted(
-    [
-        "DEFAULT_IMAGE_SIZE",
-        "EXPORT_JSON",
-        "EXPORT_PROFILES",
-        "OFFICIAL_MAX_IMAGE_PIXELS",
-        "RESIZE_POLICIES",
-        "WARMUP_FILE",
-        "ExportConfig",
-        "complete_versions",
-        "export_config_for",
-        "list_versions",
-        "read_export_metadata",
-        *_LAZY,
-    ]
-)
+__all__ = [
+    "CApiRunError",
+    "DEFAULT_IMAGE_SIZE",
+    "EXPORT_JSON",
+    "EXPORT_PROFILES",
+    "ExportConfig",
+    "ExportModule",
+    "FORBIDDEN_OPS",
+    "OFFICIAL_MAX_IMAGE_PIXELS",
+    "RESIZE_POLICIES",
+    "WARMUP_FILE",
+    "audit_saved_model",
+    "complete_versions",
+    "default_warmup_images",
+    "embed_reference",
+    "export_config_for",
+    "export_saved_model",
+    "library_versions",
+    "list_versions",
+    "op_types",
+    "read_export_metadata",
+    "read_meta_graph",
+    "read_saved_model",
+    "resize_for_embedding",
+    "run_with_c_api",
+    "warmup_requests",
+]
 
 
 def __getattr__(name: str):
