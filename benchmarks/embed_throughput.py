@@ -100,13 +100,13 @@ def main() -> None:
 
     def export(variant):
         # before: Keras' SpaceToBatchND lowering of the dilated convs and no BN folding (the earlier export)
-        multi_atrous.set_tap_decomposition(variant == "after")
+        multi_atrous.set_fast_path(variant == "after")
         fold.set_export_folding(variant == "after")
         try:
             path = export_saved_model(model, os.path.join(tmp, variant), scales=(1.0,), image_size=args.size,
                                       warmup_batch_sizes=())
         finally:
-            multi_atrous.set_tap_decomposition(True)
+            multi_atrous.set_fast_path(True)
             fold.set_export_folding(True)
         return tf.saved_model.load(path).signatures
 
@@ -168,9 +168,9 @@ def main() -> None:
     spec = tf.TensorSpec((1, args.size, args.size, 3), tf.float32)
     flops = {}
     for variant in ("before", "after"):
-        multi_atrous.set_tap_decomposition(variant == "after")
+        multi_atrous.set_fast_path(variant == "after")
         flops[variant] = _graph_flops(tf.function(lambda x: model(x, training=False)).get_concrete_function(spec))
-    multi_atrous.set_tap_decomposition(True)
+    multi_atrous.set_fast_path(True)
 
     result = {
         "benchmark": "embed_throughput",

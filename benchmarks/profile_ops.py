@@ -35,12 +35,12 @@ def export_variant(model, variant: str, size: int, directory: str) -> str:
     from dolg_tf.layers import multi_atrous
     from dolg_tf.model import fold
 
-    multi_atrous.set_tap_decomposition(variant == "after")
+    multi_atrous.set_fast_path(variant == "after")
     fold.set_export_folding(variant == "after")
     try:
         return export_saved_model(model, directory, scales=(1.0,), image_size=size, warmup_batch_sizes=())
     finally:
-        multi_atrous.set_tap_decomposition(True)
+        multi_atrous.set_fast_path(True)
         fold.set_export_folding(True)
 
 

@@ -61,7 +61,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def build_ours(preset: str, size: int, batch: int, mixed_precision: str = "off", tap_decomposition: bool = True):
+def build_ours(preset: str, size: int, batch: int, mixed_precision: str = "off", fast_path: bool = True):
     """Our training step on one synthetic batch repeated: ``(step, loop)``; ``step()`` returns the loss."""
     import numpy as np
     import tensorflow as tf
@@ -69,7 +69,7 @@ def build_ours(preset: str, size: int, batch: int, mixed_precision: str = "off",
     from dolg_tf.layers import multi_atrous
     from dolg_tf.training import TrainLoop, run_config
 
-    model_dir = os.path.join("/tmp", f"dolg-bench-{os.getpid()}-{int(tap_decomposition)}")
+    model_dir = os.path.join("/tmp", f"dolg-bench-{os.getpid()}-{int(fast_path)}")
     config = run_config(preset, image_size=size, batch_size=batch, epochs=1, steps_per_epoch=1000,
                         warmup_epochs=0.0, export=False, eval_demo=False, progress=False,
                         mixed_precision=mixed_precision, model_dir=model_dir)
@@ -81,11 +81,11 @@ def build_ours(preset: str, size: int, batch: int, mixed_precision: str = "off",
     iterator = iter(loop.strategy.experimental_distribute_dataset(dataset))
     train_step = loop.make_train_step()
     # The MultiAtrous lowering is chosen when the step is traced, i.e. at its first call.
-    multi_atrous.set_tap_decomposition(tap_decomposition)
+    multi_atrous.set_fast_path(fast_path)
     try:
         float(train_step(iterator)[0])
     finally:
-        multi_atrous.set_tap_decomposition(True)
+        multi_atrous.set_fast_path(True)
     return (lambda: float(train_step(iterator)[0])), loop
 
 
@@ -133,7 +133,7 @@ def against_pytorch(preset: str, size: int, batch: int, repeats: int, warmup: in
     torch.set_num_threads(threads)
     depth = 101 if preset == "resnet101" else 50
     after, loop = build_ours(preset, size, batch)
-    before, _ = build_ours(preset, size, batch, tap_decomposition=False)
+    before, _ = build_ours(preset, size, batch, fast_path=False)
     steps = {"ours": after, "ours_before": before, "pytorch": build_torch(depth, size, batch, loop.source.num_classes)}
     for fn in steps.values():
         for _ in range(warmup):

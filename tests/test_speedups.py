@@ -10,10 +10,13 @@
   unfolded model, and in the exported SavedModel.
 """
 
+import io
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from dolg_tf.errors import ConfigError
 from dolg_tf.layers import MultiAtrous, multi_atrous
@@ -35,9 +38,9 @@ def numpy_dilated_conv(x, kernel, bias, rate):
 
 
 @pytest.fixture(autouse=True)
-def _tap_decomposition_restored():
+def _fast_path_restored():
     yield
-    multi_atrous.set_tap_decomposition(True)
+    multi_atrous.set_fast_path(True)
 
 
 # (height, width, rate): odd sizes, smaller than, equal to, and larger than the dilation
@@ -76,7 +79,7 @@ def _layer_pair(rng, rates=(2, 5, 7)):
 def _both_ways(layer, x, training_fn):
     results = []
     for enabled in (True, False):
-        multi_atrous.set_tap_decomposition(enabled)
+        multi_atrous.set_fast_path(enabled)
         results.append(training_fn(layer, x))
     return results
 
@@ -106,7 +109,7 @@ def test_multi_atrous_graph_has_no_space_to_batch(rng):
     spec = tf.TensorSpec((None, None, None, 4), tf.float32)
     op_types = []
     for enabled in (True, False):
-        multi_atrous.set_tap_decomposition(enabled)
+        multi_atrous.set_fast_path(enabled)
         graph = tf.function(layer.call).get_concrete_function(spec).graph
         op_types.append({op.type for op in graph.get_operations()})
     assert "SpaceToBatchND" not in op_types[0]
@@ -205,27 +208,27 @@ def test_fold_refuses_mixed_precision():
         fold_batch_norms(keras.Model(layer_in, out))
 
 
-def test_export_is_folded_and_matches_unfolded_model(tiny_model, tmp_path):
-    import io
-
-    from PIL import Image
-
-    from dolg_tf.export import embed_reference, export_saved_model, read_export_metadata
+def test_export_is_folded_and_matches_unfolded_model(tiny_export_factory):
+    # The session's tiny export (tests/conftest.py): build_dolg("tiny") after set_random_seed(TINY_SEED).
+    from dolg_tf.export import embed_reference, read_export_metadata
     from dolg_tf.export.audit import op_types
+    from tests.conftest import TINY_SEED
 
-    path = export_saved_model(tiny_model, str(tmp_path / "sm"), scales=(1.0,), image_size=96, warmup_batch_sizes=())
+    path = tiny_export_factory()
+    keras.utils.set_random_seed(TINY_SEED)
+    model = build_dolg("tiny")
     loaded = tf.saved_model.load(path)
     names = [v.path if hasattr(v, "path") else v.name for v in loaded.variables]
     # The backbone's batch norms are gone (folded); the local branch's BN, inside a layer, stays.
     assert sum("moving_mean" in n for n in names) == 1, names
-    assert sum("_folded" in n for n in names) == 2 * len(foldable_pairs(tiny_model)), names
+    assert sum("_folded" in n for n in names) == 2 * len(foldable_pairs(model)), names
+    assert "SpaceToBatchND" not in op_types(path)
     rng = np.random.default_rng(5)
     images = []
-    for h, w in [(96, 112), (80, 96)]:
+    for h, w in [(64, 80), (72, 64)]:
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
         images.append(buf.getvalue())
     got = loaded.signatures["serving_default"](images=tf.constant(images))["embedding"].numpy()
-    expected = embed_reference(tiny_model, images, read_export_metadata(path)["export_config"])
+    expected = embed_reference(model, images, read_export_metadata(path)["export_config"])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
-    assert "SpaceToBatchND" not in op_types(path)

@@ -9,25 +9,27 @@ from keras import ops
 
 from dolg_tf.errors import ConfigError, InputShapeError
 
-# Whether the dilated 3x3 branches run as per-tap 1x1 convolutions over only
-# the overlapping region (True) or through Keras' Conv2D (False). Read when a
-# call is traced; benchmarks switch it off to compare with the Keras lowering.
-_TAP_DECOMPOSITION = True
+# Whether MultiAtrous takes its fast path (True) or calls its Keras Conv2D
+# layers one by one (False). Read when a call is traced; benchmarks switch it
+# off to compare with the plain computation.
+_FAST_PATH = True
 
 
-def set_tap_decomposition(enabled: bool) -> None:
-    """Chooses how MultiAtrous computes its dilated convolutions in calls traced from now on.
+def set_fast_path(enabled: bool) -> None:
+    """Chooses how MultiAtrous computes in calls traced from now on (the values are the same).
 
     Args:
-        enabled: True (the default) computes each dilated 3x3 convolution as
-            nine 1x1 convolutions, each over only the part of the map its tap
-            overlaps; False calls the Keras ``Conv2D`` layers, which
-            TensorFlow lowers to SpaceToBatchND -> Conv2D -> BatchToSpaceND over
-            a zero-padded map. Both give the same values; the weights are the
-            same variables.
+        enabled: True (the default): each dilated 3x3 convolution runs as
+            nine products, each over only the part of the map its tap overlaps
+            (:func:`dilated_conv3x3_same`), and the image-pooling branch, which
+            is constant over the map, goes through its share of the fusing
+            1x1 conv once per image instead of once per position. False: the
+            Keras ``Conv2D`` layers are called on the concatenated branches;
+            TensorFlow lowers a dilated one to SpaceToBatchND -> Conv2D ->
+            BatchToSpaceND over a zero-padded map.
     """
-    global _TAP_DECOMPOSITION
-    _TAP_DECOMPOSITION = bool(enabled)
+    global _FAST_PATH
+    _FAST_PATH = bool(enabled)
 
 
 def dilated_conv3x3_same(inputs, kernel, bias, rate: int):
@@ -163,20 +165,26 @@ class MultiAtrous(keras.layers.Layer):
         pooled = ops.mean(inputs, axis=(1, 2), keepdims=True)
         pooled = ops.relu(self.pool_conv(pooled))
         branch_1x1 = self.conv_1x1(inputs)
-        # Broadcasting the 1x1 map is exactly bilinear upsampling of a 1x1 map,
-        # and it follows the input's run-time H x W.
-        pooled = ops.broadcast_to(pooled, ops.shape(branch_1x1))
-        if _TAP_DECOMPOSITION:
-            atrous = [
-                dilated_conv3x3_same(
-                    inputs, ops.cast(conv.kernel, self.compute_dtype), ops.cast(conv.bias, self.compute_dtype), rate
-                )
-                for conv, rate in zip(self.atrous_convs, self.dilation_rates)
-            ]
-        else:
-            atrous = [conv(inputs) for conv in self.atrous_convs]
-        branches = [pooled, branch_1x1] + atrous
-        return ops.relu(self.project(ops.concatenate(branches, axis=-1)))
+        if not _FAST_PATH:
+            # Broadcasting the 1x1 map is exactly bilinear upsampling of a 1x1 map,
+            # and it follows the input's run-time H x W.
+            pooled = ops.broadcast_to(pooled, ops.shape(branch_1x1))
+            branches = [pooled, branch_1x1] + [conv(inputs) for conv in self.atrous_convs]
+            return ops.relu(self.project(ops.concatenate(branches, axis=-1)))
+
+        def weight(variable):
+            return ops.cast(variable, self.compute_dtype)
+
+        atrous = [
+            dilated_conv3x3_same(inputs, weight(conv.kernel), weight(conv.bias), rate)
+            for conv, rate in zip(self.atrous_convs, self.dilation_rates)
+        ]
+        # The fusing conv is linear: its image-pool rows act on a (B, 1, 1, filters)
+        # vector, added to every position (what broadcasting the branch would give).
+        kernel = weight(self.project.kernel)[0, 0]
+        per_image = ops.matmul(pooled, kernel[: self.filters]) + weight(self.project.bias)
+        spatial = ops.matmul(ops.concatenate([branch_1x1] + atrous, axis=-1), kernel[self.filters :])
+        return ops.relu(spatial + per_image)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:3]) + (self.out_filters,)
