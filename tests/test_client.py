@@ -1,12 +1,12 @@
 """dolg_tf.client and ``dolg embed``: unit checks without a server, then against a real ``dolg serve``.
 
-The server tests export one tiny model (64-pixel images, two scales, at most 4
-images per request) and run ``dolg serve`` as a subprocess on loopback. Every
+The server tests talk to the session's ``dolg serve`` (``tiny_server`` in tests/conftest.py: the tiny
+model exported with 64-pixel images, two scales, at most 4 images per request) on loopback. Every
 embedding is compared with the same SavedModel called in this process: the
 ``serving_default`` signature on the same bytes for files and bytes, and the
 ``embed_pixels`` signature on the raw pixels for arrays and PIL images (so the
-PNG the client sends is proven lossless). The last server test kills the
-server in the middle of a call and starts it again on the same ports.
+PNG the client sends is proven lossless). The last server test stops a private
+server in the middle of a call and starts another on the same ports.
 """
 
 from __future__ import annotations
@@ -18,17 +18,13 @@ import io
 import json
 import os
 import pathlib
-import select
-import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
-import zlib
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -47,26 +43,17 @@ from dolg_tf.errors import (
     ServerUnavailableError,
     WrongProtocolError,
 )
+from tests.conftest import SERVE_FLAGS
+from tests.images import encode as _encode
+from tests.images import photo, png_claiming
 
-EXPORT = dict(image_size=64, scales=(0.7071, 1.0), max_batch_size=4)
-START_TIMEOUT_S = 180
 ATOL = 1e-5
+integration = pytest.mark.integration
 
 
 # --- images ---------------------------------------------------------------------------------
 def _photo(h: int = 40, w: int = 56, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], -1)
-    return np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
-
-
-def _encode(image, fmt: str, **kw) -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
+    return photo(h, w, seed, noise=25.0)
 
 
 def _free_port() -> int:
@@ -76,6 +63,7 @@ def _free_port() -> int:
 
 
 # --- units: no server -------------------------------------------------------------------------
+@integration
 def test_import_loads_neither_tensorflow_nor_keras_nor_the_model():
     code = (
         "import sys, time; t = time.perf_counter(); import dolg_tf.client; dt = time.perf_counter() - t\n"
@@ -117,14 +105,6 @@ def test_prepare_sends_files_and_bytes_unchanged_and_arrays_as_lossless_png(tmp_
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), expected)
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A small PNG whose IHDR (CRC fixed up) claims ``width x height``."""
-    data = bytearray(_encode(_photo(8, 8), "PNG"))
-    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
-    return bytes(data)
-
-
 @pytest.mark.parametrize(
     "make, reason",
     [
@@ -134,8 +114,8 @@ def _png_claiming(width: int, height: int) -> bytes:
         (lambda d: b"hello, not an image", "not a JPEG, PNG, GIF, BMP or WebP"),
         (lambda d: _encode(_photo(), "PNG")[:200], "corrupt or unreadable PNG"),
         (lambda d: _encode(_photo(), "TIFF"), "not a JPEG, PNG, GIF, BMP or WebP"),
-        (lambda d: _png_claiming(30000, 30000), "decompression bomb"),
-        (lambda d: _png_claiming(8000, 6000), "48000000 pixels, over the server's limit of 40000000"),
+        (lambda d: png_claiming(30000, 30000), "decompression bomb"),
+        (lambda d: png_claiming(8000, 6000), "48000000 pixels, over the server's limit of 40000000"),
         (lambda d: _photo().astype(np.float32), "must be uint8"),
         (lambda d: np.zeros((8, 8, 4), np.uint8), r"shape \(H, W\)"),
         (lambda d: np.zeros((0, 8, 3), np.uint8), "empty image size"),
@@ -295,72 +275,13 @@ def test_local_checks_run_over_the_whole_list_before_contacting_the_server(tmp_p
 
 
 # --- against a real dolg serve ------------------------------------------------------------------
-class ServeProcess:
-    """A ``dolg serve`` subprocess that can be killed and started again on the same ports."""
-
-    def __init__(self, base: str, log_path: str):
-        self.base, self.log_path = base, log_path
-        self.grpc_port = self.rest_port = 0
-        self.proc: subprocess.Popen | None = None
-        self.start()
-        self.wait_ready()
-
-    def start(self) -> None:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
-        cmd = [
-            sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
-            "serve", "--model-base-path", self.base, "--port", str(self.grpc_port),
-            "--rest-api-port", str(self.rest_port), "--poll-seconds", "0",
-            "--tensorflow-intra-op-parallelism", "1", "--tensorflow-inter-op-parallelism", "2",
-        ]  # fmt: skip
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
-        log.close()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"dolg serve exited with {self.proc.returncode}:\n{self.log()}")
-            if select.select([self.proc.stdout], [], [], 0.5)[0]:
-                line = self.proc.stdout.readline()
-                if line.startswith("{"):
-                    ready = json.loads(line)
-                    self.grpc_port, self.rest_port = ready["grpc_port"], ready["rest_port"]
-                    return
-        raise AssertionError(f"dolg serve did not report its ports in {START_TIMEOUT_S} s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-    def target(self, protocol: str) -> str:
-        return f"127.0.0.1:{self.grpc_port if protocol == 'grpc' else self.rest_port}"
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
+def _target(server, protocol: str) -> str:
+    return server.grpc_target if protocol == "grpc" else server.rest_target
 
 
 @pytest.fixture(scope="module")
-def export_base(tmp_path_factory):
-    base = str(tmp_path_factory.mktemp("client") / "dolg")
-    keras.utils.set_random_seed(5)
-    from dolg_tf.export import export_saved_model
-    from dolg_tf.model import build_dolg
-
-    export_saved_model(build_dolg("tiny"), base, version=1, **EXPORT)
-    return base
-
-
-@pytest.fixture(scope="module")
-def reference(export_base):
-    loaded = tf.saved_model.load(os.path.join(export_base, "1"))
+def reference(tiny_export):
+    loaded = tf.saved_model.load(os.path.join(tiny_export, "1"))
 
     def from_bytes(data: bytes) -> np.ndarray:
         return loaded.signatures["serving_default"](images=tf.constant([data]))["embedding"].numpy()[0]
@@ -374,10 +295,9 @@ def reference(export_base):
 
 
 @pytest.fixture(scope="module")
-def server(export_base, tmp_path_factory):
-    srv = ServeProcess(export_base, str(tmp_path_factory.mktemp("client-log") / "serve.log"))
-    yield srv
-    srv.stop()
+def server(tiny_server):
+    """The session's ``dolg serve`` on the tiny export (64-pixel images, two scales, at most 4 images a request)."""
+    return tiny_server
 
 
 @pytest.fixture(scope="module")
@@ -402,14 +322,12 @@ def mixed(tmp_path_factory, reference):
     return items, np.stack(expected)
 
 
-integration = pytest.mark.integration
-
 
 @integration
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
 def test_every_input_kind_matches_the_in_process_saved_model(server, mixed, protocol):
     items, expected = mixed
-    with Client(server.target(protocol), protocol=protocol, batch_size=4, max_in_flight=2) as client:
+    with Client(_target(server, protocol), protocol=protocol, batch_size=4, max_in_flight=2) as client:
         info = client.check()
         assert (info.model_name, info.version, info.embedding_dim) == ("dolg", 1, expected.shape[1])
         emb = client.embed(items)
@@ -424,7 +342,7 @@ def test_every_input_kind_matches_the_in_process_saved_model(server, mixed, prot
         np.testing.assert_allclose(client.embed(np.stack([items[4], items[4]])), expected[[4, 4]], atol=ATOL, rtol=0)
         assert client.embed([]).shape == (0, expected.shape[1])
     np.testing.assert_allclose(
-        dc.embed(items[:3], target=server.target(protocol), protocol=protocol), expected[:3], atol=ATOL, rtol=0
+        dc.embed(items[:3], target=_target(server, protocol), protocol=protocol), expected[:3], atol=ATOL, rtol=0
     )
 
 
@@ -435,7 +353,7 @@ def test_an_image_the_server_refuses_is_named_by_its_index(server, mixed, protoc
     good = _encode(_photo(seed=9), "JPEG")
     truncated = good[: len(good) // 2]  # a valid header: passes the local checks, fails to decode
     batch = [items[0], items[4], good, items[6], good, truncated, items[1]]
-    with Client(server.target(protocol), protocol=protocol, batch_size=4) as client:
+    with Client(_target(server, protocol), protocol=protocol, batch_size=4) as client:
         with pytest.raises(InvalidImageError, match="rejected by the server: .*JPEG") as info:
             client.embed(batch)
         assert info.value.index == 5
@@ -450,7 +368,7 @@ def test_an_image_the_server_refuses_is_named_by_its_index(server, mixed, protoc
 @integration
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
 def test_unknown_model_version_or_signature_is_model_not_found(server, protocol):
-    target = server.target(protocol)
+    target = _target(server, protocol)
     for kwargs, match in (
         (dict(model_name="resnet"), "model 'resnet' not found"),
         (dict(version=9), "version 9 not found"),
@@ -477,13 +395,13 @@ def test_large_calls_are_split_under_the_message_limit_and_the_servers_batch_lim
     expected = np.stack([from_pixels(x) for x in noise])
     sizes = []
     # A noise PNG is ~11 KB (~14.5 KB as base64): 32 KiB holds 2 per request.
-    with Client(server.target(protocol), protocol=protocol, max_message_bytes=32 << 10, batch_size=8) as client:
+    with Client(_target(server, protocol), protocol=protocol, max_message_bytes=32 << 10, batch_size=8) as client:
         emb = client.embed(noise, progress=lambda done, total: sizes.append(done))
     np.testing.assert_allclose(emb, expected, atol=ATOL, rtol=0)
     per_request = np.diff([0] + sizes)
     assert sizes[-1] == len(noise) and per_request.max() <= 2 and len(per_request) >= 5, per_request
     # The export takes at most 4 images per request; a client asking for 8 learns that once.
-    with Client(server.target(protocol), protocol=protocol, batch_size=8) as client:
+    with Client(_target(server, protocol), protocol=protocol, batch_size=8) as client:
         np.testing.assert_allclose(client.embed(noise), expected, atol=ATOL, rtol=0)
         assert client._batch_limit == 4
         sizes.clear()
@@ -492,12 +410,12 @@ def test_large_calls_are_split_under_the_message_limit_and_the_servers_batch_lim
     # With the defaults, a 5.6 MB image (over gRPC's stock 4 MiB message limit) goes through.
     big = np.random.default_rng(1).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)
     np.testing.assert_allclose(
-        dc.embed(big, target=server.target(protocol), protocol=protocol), from_pixels(big)[None], atol=ATOL, rtol=0
+        dc.embed(big, target=_target(server, protocol), protocol=protocol), from_pixels(big)[None], atol=ATOL, rtol=0
     )
     # One image larger than the message limit by itself: named, nothing sent for it.
     big = np.random.default_rng(0).integers(0, 256, (120, 120, 3), dtype=np.uint8)  # ~43 KB PNG
     with pytest.raises(InvalidImageError, match="over max_message_bytes") as info:
-        dc.embed([noise[0], big], target=server.target(protocol), protocol=protocol, max_message_bytes=32 << 10)
+        dc.embed([noise[0], big], target=_target(server, protocol), protocol=protocol, max_message_bytes=32 << 10)
     assert info.value.index == 1
 
 
@@ -519,7 +437,7 @@ class _FlakyHandler(http.server.BaseHTTPRequestHandler):
         self.server.auth.append(self.headers.get("Authorization"))
         if self.server.failures:
             status = self.server.failures.pop(0)
-            payload, headers = json.dumps({"error": f"injected {status}"}).encode(), {}
+            payload = json.dumps({"error": f"injected {status}"}).encode()
         else:
             conn = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
             conn.request(self.command, self.path, body=body or None, headers={"Content-Type": "application/json"})
@@ -538,7 +456,7 @@ class _FlakyHandler(http.server.BaseHTTPRequestHandler):
 @integration
 def test_rest_retries_503_and_429_but_never_400(server, mixed):
     items, expected = mixed
-    proxy = FlakyProxy(server.rest_port, [503, 429, 503])
+    proxy = FlakyProxy(server.info["rest_port"], [503, 429, 503])
     thread = threading.Thread(target=proxy.serve_forever, daemon=True)
     thread.start()
     try:
@@ -565,7 +483,7 @@ def test_rest_retries_503_and_429_but_never_400(server, mixed):
 @integration
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
 def test_a_request_that_keeps_timing_out_is_retried_then_unavailable(server, mixed, protocol):
-    with Client(server.target(protocol), protocol=protocol, deadline=1.0, backoff=0.05) as client:
+    with Client(_target(server, protocol), protocol=protocol, deadline=1.0, backoff=0.05) as client:
         client.check()
         # 1 ms per attempt: no embedding is that fast, every attempt hits DEADLINE_EXCEEDED (REST: a read timeout).
         client.timeout = 0.001
@@ -631,7 +549,7 @@ class TlsProxy:
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
 def test_mutual_tls_with_certificates_as_paths_or_bytes(server, mixed, protocol):
     items, expected = mixed
-    proxy = TlsProxy(server.grpc_port if protocol == "grpc" else server.rest_port, "h2" if protocol == "grpc" else "http/1.1")
+    proxy = TlsProxy(server.info["grpc_port"] if protocol == "grpc" else server.info["rest_port"], "h2" if protocol == "grpc" else "http/1.1")
     try:
         as_paths = dict(
             root_certificates=TLS_DIR / "ca.pem", client_certificate=str(TLS_DIR / "client.pem"),
@@ -661,7 +579,7 @@ def test_dolg_embed_cli_folder_list_and_in_process(server, mixed, tmp_path, caps
         (folder / name).write_bytes(data)
     (folder / "notes.txt").write_text("not an image")  # ignored: not an image extension
     out = tmp_path / "emb.npy"
-    rc = cli_main(["embed", str(folder), "--server", server.target("grpc"), "--out", str(out), "--no-progress"])
+    rc = cli_main(["embed", str(folder), "--server", server.grpc_target, "--out", str(out), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     emb = np.load(out)
     meta = json.loads((tmp_path / "emb.ids.json").read_text())
@@ -676,19 +594,19 @@ def test_dolg_embed_cli_folder_list_and_in_process(server, mixed, tmp_path, caps
     # A list file over REST, and the same list in-process with the SavedModel: same numbers.
     listing = tmp_path / "list.txt"
     listing.write_text("# gallery\nphotos/z.bmp\n\nphotos/x.jpg\n")
-    rc = cli_main(["embed", str(listing), "--protocol", "rest", "--server", server.target("rest"),
+    rc = cli_main(["embed", str(listing), "--protocol", "rest", "--server", server.rest_target,
                    "--out", str(tmp_path / "rest.npy"), "--ids", str(tmp_path / "rest.json"), "--no-progress"])  # fmt: skip
     assert rc == 0
     assert json.loads((tmp_path / "rest.json").read_text())["ids"] == ["photos/z.bmp", "photos/x.jpg"]
     np.testing.assert_allclose(np.load(tmp_path / "rest.npy"), expected[[3, 2]], atol=ATOL, rtol=0)
-    rc = cli_main(["embed", str(listing), "--saved-model", server.base, "--out", str(tmp_path / "local.npy"), "--no-progress"])
+    rc = cli_main(["embed", str(listing), "--saved-model", server.base_path, "--out", str(tmp_path / "local.npy"), "--no-progress"])
     assert rc == 0
     np.testing.assert_allclose(np.load(tmp_path / "local.npy"), expected[[3, 2]], atol=ATOL, rtol=0)
     capsys.readouterr()
 
     # Bad input: one line, exit 2, the file named; nothing written.
     (folder / "broken.jpg").write_bytes(b"plain text, not a JPEG")
-    rc = cli_main(["embed", str(folder), "--server", server.target("grpc"), "--out", str(tmp_path / "bad.npy"), "--no-progress"])
+    rc = cli_main(["embed", str(folder), "--server", server.grpc_target, "--out", str(tmp_path / "bad.npy"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "broken.jpg" in err and "not a JPEG" in err
     assert not (tmp_path / "bad.npy").exists()
@@ -699,8 +617,8 @@ def test_dolg_embed_cli_folder_list_and_in_process(server, mixed, tmp_path, caps
 @integration
 def test_a_client_on_the_other_protocols_port_is_told_which_port_it_is(server, tmp_path, capsys):
     for protocol, port, hint in (
-        ("grpc", server.rest_port, "that port speaks HTTP/1.1, not gRPC: is it the REST port? use --protocol rest"),
-        ("rest", server.grpc_port, "that port speaks HTTP/2 (gRPC), not HTTP/1.1: is it the gRPC port? use --protocol grpc"),
+        ("grpc", server.info["rest_port"], "that port speaks HTTP/1.1, not gRPC: is it the REST port? use --protocol rest"),
+        ("rest", server.info["grpc_port"], "that port speaks HTTP/2 (gRPC), not HTTP/1.1: is it the gRPC port? use --protocol grpc"),
     ):
         t0 = time.monotonic()
         with pytest.raises(WrongProtocolError) as info:
@@ -709,32 +627,37 @@ def test_a_client_on_the_other_protocols_port_is_told_which_port_it_is(server, t
         assert hint in str(info.value) and f"127.0.0.1:{port}" in str(info.value)
     image = tmp_path / "a.png"
     image.write_bytes(_encode(_photo(), "PNG"))
-    rc = cli_main(["embed", str(image), "--out", str(tmp_path / "e.npy"), "--server", f":{server.rest_port}"])
+    rc = cli_main(["embed", str(image), "--out", str(tmp_path / "e.npy"), "--server", f":{server.info['rest_port']}"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "use --protocol rest" in err, err
 
 
 @integration
-def test_a_server_restarted_during_a_call_is_retried_and_a_stopped_one_is_unavailable(server, mixed):
-    """Kills ``dolg serve`` after two requests of a gRPC call and starts it again on the same ports.
+def test_a_server_restarted_during_a_call_is_retried_and_a_stopped_one_is_unavailable(serve, tiny_export, mixed):
+    """Stops a private ``dolg serve`` after two requests of a gRPC call and starts another on the same ports.
 
     While it is down, a short-deadline client (gRPC and REST) gets ServerUnavailableError
     in time, and a REST call started then waits for the new server like the gRPC one.
     """
     items, expected = mixed
+    server = serve(tiny_export, extra=SERVE_FLAGS)
+    ports = dict(grpc_port=server.info["grpc_port"], rest_port=server.info["rest_port"])
+    replacement = serve(tiny_export, start=False, extra=SERVE_FLAGS, **ports)
     results: dict[str, object] = {}
 
     def rest_call():
         try:
             # Started while the server is down: it must be told to wait for one (a first contact
             # refused is otherwise reported at once as a wiring mistake).
-            with Client(server.target("rest"), protocol="rest", batch_size=2, deadline=150, retries=1000,
-                        wait_for_server=150) as c:
+            with Client(server.rest_target, protocol="rest", batch_size=2, deadline=150, retries=1000,
+                        wait_for_server=150) as c:  # fmt: skip
                 results["rest"] = c.embed(items)
         except Exception as err:  # reported by the assertion below
             results["rest"] = err
 
     rest_thread = threading.Thread(target=rest_call)
+    # Started in the background: the client must find the new server by retrying, not be handed a ready one.
+    restart = threading.Thread(target=replacement.start)
     stopped: dict[str, float] = {}
 
     def on_progress(done, total):
@@ -743,17 +666,18 @@ def test_a_server_restarted_during_a_call_is_retried_and_a_stopped_one_is_unavai
             for protocol in ("grpc", "rest"):
                 t0 = time.monotonic()
                 with pytest.raises(ServerUnavailableError):
-                    Client(server.target(protocol), protocol=protocol, deadline=2.0, backoff=0.1).embed(items[:1])
+                    Client(_target(server, protocol), protocol=protocol, deadline=2.0, backoff=0.1).embed(items[:1])
                 stopped[protocol] = time.monotonic() - t0
             rest_thread.start()
-            server.start()  # same ports; the client retries until it answers
+            restart.start()  # same ports; the client retries until it answers
 
     # retries=1000: the deadline, not the count, bounds the wait for the new server.
-    with Client(server.target("grpc"), batch_size=1, deadline=150, retries=1000, max_backoff=2.0) as client:
+    with Client(server.grpc_target, batch_size=1, deadline=150, retries=1000, max_backoff=2.0) as client:
         client.check()
         emb = client.embed(items, progress=on_progress)
-    server.wait_ready()
+    restart.join(180)
     rest_thread.join(180)
+    assert replacement.alive() and replacement.info["grpc_port"] == ports["grpc_port"], replacement.log()[-2000:]
     np.testing.assert_allclose(emb, expected, atol=ATOL, rtol=0)
     assert isinstance(results.get("rest"), np.ndarray), results.get("rest")
     np.testing.assert_allclose(results["rest"], expected, atol=ATOL, rtol=0)

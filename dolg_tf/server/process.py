@@ -35,6 +35,10 @@ class ServerProcess:
         timeout: seconds to wait for the ready line before giving up.
         extra: further ``dolg serve`` flags (e.g. ``["--poll-seconds", "0"]``).
         stop_timeout: seconds between SIGTERM and SIGKILL.
+        grpc_port, rest_port: the ports to listen on; 0 (the default) picks free ones. Giving the ports of a
+            stopped server starts its replacement where clients already point.
+        log_path: a file that receives the server's stderr (appended); None discards it.
+        verbose: log at INFO level (``dolg -v serve``): loading progress, retries.
 
     After ``__enter__``, :attr:`info` holds the ready line (``grpc_port``,
     ``rest_port``, the loaded models), and :attr:`grpc_target` /
@@ -49,25 +53,37 @@ class ServerProcess:
         timeout: float = 180.0,
         extra: Sequence[str] = (),
         stop_timeout: float = 30.0,
+        grpc_port: int = 0,
+        rest_port: int = 0,
+        log_path: str | None = None,
+        verbose: bool = False,
     ):
         self.base_path, self.model_name, self.timeout, self.extra = str(base_path), model_name, timeout, list(extra)
         self.stop_timeout = stop_timeout
+        self.ports = (int(grpc_port), int(rest_port))
+        self.log_path, self.verbose = (None if log_path is None else str(log_path)), verbose
         self.proc: subprocess.Popen | None = None
         self.info: dict[str, Any] = {}
         self._lines: list[str] = []
 
     def start(self) -> ServerProcess:
         """Starts the server and blocks until it is ready; raises :class:`ServingError` if it exits or times out."""
-        self.proc = subprocess.Popen(
-            cli_command(
-                "serve", "--model-base-path", self.base_path, "--model-name", self.model_name,
-                "--port", "0", "--rest-api-port", "0", *self.extra,
-            ),  # fmt: skip
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            bufsize=1,
-        )
+        stderr = open(self.log_path, "a") if self.log_path else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(
+                cli_command(
+                    *(["-v"] if self.verbose else []), "serve", "--model-base-path", self.base_path,
+                    "--model-name", self.model_name, "--port", str(self.ports[0]),
+                    "--rest-api-port", str(self.ports[1]), *self.extra,
+                ),  # fmt: skip
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                bufsize=1,
+            )
+        finally:
+            if self.log_path:
+                stderr.close()
         ready = threading.Event()
 
         def read():
@@ -84,6 +100,7 @@ class ServerProcess:
                 self.stop()
                 raise ServingError(
                     f"dolg serve did not start (exit {self.proc.returncode}): {''.join(self._lines)[-500:]}"
+                    f"{self.log()[-2000:]}"  # empty without log_path
                 )
         return self
 
@@ -104,6 +121,13 @@ class ServerProcess:
     def output(self) -> str:
         """Everything the server has printed on stdout so far."""
         return "".join(self._lines)
+
+    def log(self) -> str:
+        """What the server has written to ``log_path`` so far (empty without one)."""
+        if not self.log_path:
+            return ""
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
