@@ -45,28 +45,3 @@ def jpeg_photos(count: int, longer: int) -> list[bytes]:
         im.save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
     return out
-
-
-def start_server(base: str, extra: list[str] | tuple[str, ...] = (), timeout: float = 600.0):
-    """Starts ``dolg serve`` on free loopback ports for ``base``; returns ``(process, its ready line as a dict)``."""
-    import json
-    import select
-    import subprocess
-    import sys
-    import time
-
-    cmd = [
-        sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
-        "serve", "--model-base-path", base, "--port", "0", "--rest-api-port", "0", "--poll-seconds", "0", *extra,
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dolg serve exited with {proc.returncode}")
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline()
-            if line.startswith("{"):
-                return proc, json.loads(line)
-    proc.kill()
-    raise RuntimeError(f"dolg serve did not start in {timeout:.0f} s")

@@ -37,7 +37,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-from _common import cpu_model, start_server  # noqa: E402 (benchmarks run by path)
+from _common import cpu_model  # noqa: E402 (benchmarks run by path)
 
 CLI = [sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())"]
 
@@ -83,6 +83,7 @@ def _bench_preset(preset: str, args, folder: str, blobs: list[bytes], tmp: str) 
 
     from dolg_tf.export import export_saved_model
     from dolg_tf.model import build_dolg
+    from dolg_tf.server.process import ServerProcess
 
     keras.utils.set_random_seed(0)
     base = os.path.join(tmp, f"model_{preset}")
@@ -99,7 +100,8 @@ def _bench_preset(preset: str, args, folder: str, blobs: list[bytes], tmp: str) 
         seconds = time.perf_counter() - t0
         return seconds, seconds, out
 
-    server, ports = start_server(base)
+    server = ServerProcess(base, extra=["--poll-seconds", "0"], timeout=600).start()
+    ports = server.info
     runs = {"n": 0}
 
     def via_serve() -> tuple[float, float, None]:
@@ -132,8 +134,7 @@ def _bench_preset(preset: str, args, folder: str, blobs: list[bytes], tmp: str) 
                 times[name]["wall"].append(wall)
                 times[name]["own"].append(own)
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop()
 
     # The last Beam run's Parquet rows equal the in-process embeddings (same export, same images).
     import pyarrow.parquet as pq

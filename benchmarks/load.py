@@ -26,7 +26,6 @@ import http.client
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,13 +34,13 @@ from collections import Counter
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-from _common import cpu_model, jpeg_photos, rss_bytes, start_server  # noqa: E402 (benchmarks run by path)
-
+from _common import cpu_model, jpeg_photos, rss_bytes  # noqa: E402 (benchmarks run by path)
 
 
 def _rss_mb(pid: int | None) -> float | None:
     rss = rss_bytes(pid) if pid is not None else None
     return None if rss is None else round(rss / 2**20, 1)
+
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -57,7 +56,8 @@ class _GrpcClient:
 
         self.grpc = grpc
         self.channel = grpc.insecure_channel(
-            f"{host}:{port}", options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+            f"{host}:{port}",
+            options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
         )
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.request = predict_pb2.PredictRequest()
@@ -155,7 +155,9 @@ def run_cell(make_client, clients: int, requests: int, batch: int, max_seconds: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--address", default=None, help="host of a running server (default: start dolg serve on 127.0.0.1)")
+    parser.add_argument(
+        "--address", default=None, help="host of a running server (default: start dolg serve on 127.0.0.1)"
+    )
     parser.add_argument("--grpc-port", type=int, default=8500, help="gRPC port with --address (0: skip gRPC)")
     parser.add_argument("--rest-port", type=int, default=8501, help="REST port with --address (0: skip REST)")
     parser.add_argument("--server-pid", type=int, default=None, help="pid of the --address server, for its RSS")
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(p not in ("grpc", "rest") for p in protocols):
         parser.error(f"--protocols takes grpc and/or rest, got {args.protocols!r}")
 
-    tmp = proc = None
+    tmp = server = None
     t_start = time.perf_counter()
     try:
         if args.address is None:
@@ -199,8 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                     build_dolg(args.preset), base, version=1, image_size=args.image_size, scales=scales,
                     max_batch_size=max(32, max(batches)),
                 )  # fmt: skip
-            proc, ready = start_server(base, args.serve_args.split())
-            host, ports, pid = "127.0.0.1", {"grpc": ready["grpc_port"], "rest": ready["rest_port"]}, proc.pid
+            from dolg_tf.server.process import ServerProcess
+
+            server = ServerProcess(
+                base, model_name=args.model_name, extra=["--poll-seconds", "0", *args.serve_args.split()], timeout=600
+            ).start()
+            ready = server.info
+            host, ports, pid = "127.0.0.1", {"grpc": ready["grpc_port"], "rest": ready["rest_port"]}, server.pid
         else:
             host, ports, pid = args.address, {"grpc": args.grpc_port, "rest": args.rest_port}, args.server_pid
         photos = jpeg_photos(max(batches), args.photo_size)
@@ -219,12 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append({"protocol": protocol, **cell})
         rss_end = _rss_mb(pid)
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if server is not None:
+            server.stop()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -256,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             f"p50 {c['p50_ms']} ms, p99 {c['p99_ms']} ms, max {c['max_ms']} ms, ok {c['requests_ok']}, "
             f"errors {c['errors'] or 0}, server RSS {c['rss_before_mb']} -> {c['rss_after_mb']} MB"
         )
-    print(f"{args.clients} clients x {args.requests} requests per cell; ratios {ratios}; cpu {result['cpu']} ({result['cores']} cores)")
+    print(
+        f"{args.clients} clients x {args.requests} requests per cell; ratios {ratios}; "
+        f"cpu {result['cpu']} ({result['cores']} cores)"
+    )
     return 1 if result["total_errors"] else 0
 
 

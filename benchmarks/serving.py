@@ -34,8 +34,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-from _common import jpeg_photos, start_server  # noqa: E402 (benchmarks run by path)
-
+from _common import jpeg_photos  # noqa: E402 (benchmarks run by path)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -63,6 +62,7 @@ def main() -> None:
 
     from dolg_tf.export import ExportConfig, export_saved_model
     from dolg_tf.model import build_dolg
+    from dolg_tf.server.process import ServerProcess
 
     keras.utils.set_random_seed(0)
     options = {} if args.image_size is None else {"image_size": args.image_size}
@@ -73,7 +73,8 @@ def main() -> None:
     export_s = time.perf_counter() - t0
     images = jpeg_photos(max(batches), longer=640)
     saved = tf.saved_model.load(path).signatures["serving_default"]
-    proc, ports = start_server(os.path.join(tmp, "dolg"))
+    server = ServerProcess(os.path.join(tmp, "dolg"), extra=["--poll-seconds", "0"], timeout=600).start()
+    ports = server.info
 
     def batch_of(b: int) -> list[bytes]:
         return [images[i % len(images)] for i in range(b)]
@@ -109,7 +110,9 @@ def main() -> None:
     modes = {"a_inprocess": make_inprocess, "b_grpc": make_grpc, "c_rest": make_rest}
     # Correctness first: the three paths give the same embeddings.
     reference = make_inprocess(2)()
-    agreement = {name: float(np.abs(make(2)() - reference).max()) for name, make in modes.items() if name != "a_inprocess"}
+    agreement = {
+        name: float(np.abs(make(2)() - reference).max()) for name, make in modes.items() if name != "a_inprocess"
+    }
 
     def run_cell(make, b: int, clients: int) -> dict:
         calls = [make(b) for _ in range(clients)]
@@ -148,14 +151,17 @@ def main() -> None:
                         rounds[name].append(run_cell(make, b, clients))
                 for name, results in rounds.items():
                     median = sorted(results, key=lambda r: r["images_per_s"])[len(results) // 2]
-                    cells.append({"mode": name, "batch": b, "clients": clients, **{k: round(v, 2) for k, v in median.items()}})
-                base = next(c for c in cells if c["mode"] == "a_inprocess" and c["batch"] == b and c["clients"] == clients)
+                    cells.append(
+                        {"mode": name, "batch": b, "clients": clients, **{k: round(v, 2) for k, v in median.items()}}
+                    )
+                base = next(
+                    c for c in cells if c["mode"] == "a_inprocess" and c["batch"] == b and c["clients"] == clients
+                )
                 for c in cells[-3:]:
                     c["throughput_vs_inprocess"] = round(c["images_per_s"] / base["images_per_s"], 3)
                 print(json.dumps(cells[-3:]), file=sys.stderr, flush=True)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop()
 
     result = {
         "benchmark": "serving",
