@@ -51,8 +51,8 @@ def check_config_round_trip(layer: keras.layers.Layer) -> keras.layers.Layer:
 
 def check_symbolic_shape(layer: keras.layers.Layer, symbolic_inputs) -> None:
     out = layer(symbolic_inputs)
-    in_shapes = [tuple(t.shape) for t in symbolic_inputs] if isinstance(symbolic_inputs, list) else tuple(
-        symbolic_inputs.shape
+    in_shapes = (
+        [tuple(t.shape) for t in symbolic_inputs] if isinstance(symbolic_inputs, list) else tuple(symbolic_inputs.shape)
     )
     expected = layer.compute_output_shape(in_shapes)
     if isinstance(out, (list, tuple)):

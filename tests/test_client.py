@@ -178,7 +178,10 @@ def test_client_rejects_bad_options():
         (dict(protocol="saved_model"), "SavedModel directory"),
         (dict(root_certificates="/nonexistent/ca.pem"), "cannot read root certificates"),
         (dict(protocol="rest", root_certificates="/nonexistent/ca.pem"), "root certificates file not found"),
-        (dict(protocol="rest", client_certificate=b"PEM", client_key="/nonexistent/k.pem"), "client key file not found"),
+        (
+            dict(protocol="rest", client_certificate=b"PEM", client_key="/nonexistent/k.pem"),
+            "client key file not found",
+        ),
     ):
         with pytest.raises(ConfigError, match=match):
             Client(**kwargs)
@@ -239,15 +242,32 @@ def test_cli_client_flags_are_shared_and_the_server_defaults_to_the_protocols_po
     ])  # fmt: skip
     with client_from_args(evaluate) as client:
         assert (client.target, client.timeout, client.deadline, client.retries, client.wait_for_server) == (
-            "localhost:8501", 7.0, 9.0, 3, 2.0)
+            "localhost:8501",
+            7.0,
+            9.0,
+            3,
+            2.0,
+        )
         assert client._transport._verify == str(tls)
 
     def client_flags(command: str) -> set[str]:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
         return {o for a in sub._actions for o in a.option_strings}
 
-    shared = {"--server", "--protocol", "--tls", "--root-certificates", "--client-certificate", "--client-key",
-              "--timeout", "--deadline", "--retries", "--wait-for-server", "--model-name", "--signature"}
+    shared = {
+        "--server",
+        "--protocol",
+        "--tls",
+        "--root-certificates",
+        "--client-certificate",
+        "--client-key",
+        "--timeout",
+        "--deadline",
+        "--retries",
+        "--wait-for-server",
+        "--model-name",
+        "--signature",
+    }
     assert shared <= client_flags("embed") and shared <= client_flags("evaluate")
 
 
@@ -320,7 +340,6 @@ def mixed(tmp_path_factory, reference):
         from_pixels(np.ascontiguousarray(rgb[:17, :9])),
     ]  # fmt: skip
     return items, np.stack(expected)
-
 
 
 @integration
@@ -549,7 +568,10 @@ class TlsProxy:
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
 def test_mutual_tls_with_certificates_as_paths_or_bytes(server, mixed, protocol):
     items, expected = mixed
-    proxy = TlsProxy(server.info["grpc_port"] if protocol == "grpc" else server.info["rest_port"], "h2" if protocol == "grpc" else "http/1.1")
+    proxy = TlsProxy(
+        server.info["grpc_port"] if protocol == "grpc" else server.info["rest_port"],
+        "h2" if protocol == "grpc" else "http/1.1",
+    )
     try:
         as_paths = dict(
             root_certificates=TLS_DIR / "ca.pem", client_certificate=str(TLS_DIR / "client.pem"),
@@ -594,19 +616,33 @@ def test_dolg_embed_cli_folder_list_and_in_process(server, mixed, tmp_path, caps
     # A list file over REST, and the same list in-process with the SavedModel: same numbers.
     listing = tmp_path / "list.txt"
     listing.write_text("# gallery\nphotos/z.bmp\n\nphotos/x.jpg\n")
-    rc = cli_main(["embed", str(listing), "--protocol", "rest", "--server", server.rest_target,
-                   "--out", str(tmp_path / "rest.npy"), "--ids", str(tmp_path / "rest.json"), "--no-progress"])  # fmt: skip
+    rc = cli_main([
+        "embed", str(listing), "--protocol", "rest", "--server", server.rest_target,
+        "--out", str(tmp_path / "rest.npy"), "--ids", str(tmp_path / "rest.json"), "--no-progress",
+    ])  # fmt: skip
     assert rc == 0
     assert json.loads((tmp_path / "rest.json").read_text())["ids"] == ["photos/z.bmp", "photos/x.jpg"]
     np.testing.assert_allclose(np.load(tmp_path / "rest.npy"), expected[[3, 2]], atol=ATOL, rtol=0)
-    rc = cli_main(["embed", str(listing), "--saved-model", server.base_path, "--out", str(tmp_path / "local.npy"), "--no-progress"])
+    rc = cli_main(
+        [
+            "embed",
+            str(listing),
+            "--saved-model",
+            server.base_path,
+            "--out",
+            str(tmp_path / "local.npy"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     np.testing.assert_allclose(np.load(tmp_path / "local.npy"), expected[[3, 2]], atol=ATOL, rtol=0)
     capsys.readouterr()
 
     # Bad input: one line, exit 2, the file named; nothing written.
     (folder / "broken.jpg").write_bytes(b"plain text, not a JPEG")
-    rc = cli_main(["embed", str(folder), "--server", server.grpc_target, "--out", str(tmp_path / "bad.npy"), "--no-progress"])
+    rc = cli_main(
+        ["embed", str(folder), "--server", server.grpc_target, "--out", str(tmp_path / "bad.npy"), "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "broken.jpg" in err and "not a JPEG" in err
     assert not (tmp_path / "bad.npy").exists()
@@ -617,8 +653,16 @@ def test_dolg_embed_cli_folder_list_and_in_process(server, mixed, tmp_path, caps
 @integration
 def test_a_client_on_the_other_protocols_port_is_told_which_port_it_is(server, tmp_path, capsys):
     for protocol, port, hint in (
-        ("grpc", server.info["rest_port"], "that port speaks HTTP/1.1, not gRPC: is it the REST port? use --protocol rest"),
-        ("rest", server.info["grpc_port"], "that port speaks HTTP/2 (gRPC), not HTTP/1.1: is it the gRPC port? use --protocol grpc"),
+        (
+            "grpc",
+            server.info["rest_port"],
+            "that port speaks HTTP/1.1, not gRPC: is it the REST port? use --protocol rest",
+        ),
+        (
+            "rest",
+            server.info["grpc_port"],
+            "that port speaks HTTP/2 (gRPC), not HTTP/1.1: is it the gRPC port? use --protocol grpc",
+        ),
     ):
         t0 = time.monotonic()
         with pytest.raises(WrongProtocolError) as info:

@@ -8,14 +8,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch  # the [dev] extra installs it: a missing torch must fail, not skip
 
 from dolg_tf.config import OFFICIAL_SCALES
-from dolg_tf.convert import detect_architecture, from_official_pytorch, load_official_state_dict
+from dolg_tf.convert import (
+    detect_architecture,
+    from_official_pytorch,
+    load_official_state_dict,
+)
 from dolg_tf.errors import WeightsError
 from dolg_tf.model import multiscale_embed
-from tests.torch_official import OfficialDOLG, official_input, official_multiscale, official_scaled_size, randomise_
+from tests.torch_official import (
+    OfficialDOLG,
+    official_input,
+    official_multiscale,
+    official_scaled_size,
+    randomise_,
+)
 
 DATA = Path(__file__).parent / "data"
 NUM_CLASSES = 10
@@ -29,7 +38,9 @@ def _listing(name):
     return rows
 
 
-@pytest.mark.parametrize("depth,with_ma,name", [(50, True, "r50_with_ma"), (50, False, "r50_wo_ma"), (101, True, "r101_with_ma")])
+@pytest.mark.parametrize(
+    "depth,with_ma,name", [(50, True, "r50_with_ma"), (50, False, "r50_wo_ma"), (101, True, "r101_with_ma")]
+)
 def test_reference_module_matches_the_official_listing(depth, with_ma, name):
     with torch.device("meta"):
         module = OfficialDOLG(depth, with_ma)
@@ -39,7 +50,10 @@ def test_reference_module_matches_the_official_listing(depth, with_ma, name):
 
 def _save_checkpoint(module, path, wrap=True):
     state = module.state_dict()
-    torch.save({"epoch": 3, "model_state": state, "optimizer_state": {}, "cfg": "MODEL:\n  DEPTH: 50\n"} if wrap else state, path)
+    torch.save(
+        {"epoch": 3, "model_state": state, "optimizer_state": {}, "cfg": "MODEL:\n  DEPTH: 50\n"} if wrap else state,
+        path,
+    )
     return path
 
 
@@ -115,7 +129,7 @@ def official_export(r50_pair, tmp_path_factory):
 
 
 @pytest.mark.integration
-def test_official_profile_served_over_grpc_matches_the_authors_extractor(r50_pair, official_export):
+def test_official_profile_served_over_grpc_matches_the_authors_extractor(r50_pair, official_export, serve):
     """Converted checkpoint -> `dolg export --profile official` -> `dolg serve` -> a JPEG over gRPC."""
     import grpc
     import tensorflow as tf
@@ -123,7 +137,6 @@ def test_official_profile_served_over_grpc_matches_the_authors_extractor(r50_pai
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     from dolg_tf.demo.photos import demo_photos
-    from dolg_tf.server.process import ServerProcess
 
     module, _, _ = r50_pair[True]
     base = official_export
@@ -132,12 +145,14 @@ def test_official_profile_served_over_grpc_matches_the_authors_extractor(r50_pai
     buf = io.BytesIO()
     photo.save(buf, format="JPEG", quality=90)
     jpeg = buf.getvalue()
-    with ServerProcess(str(base)) as server:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(server.grpc_target))
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = "dolg"
-        request.inputs["images"].CopyFrom(tf.make_tensor_proto([jpeg], dtype=tf.string))
-        served = tf.make_ndarray(stub.Predict(request, timeout=300).outputs["embedding"])
+    # No warm-up: replaying a 640-pixel photo at five scales through R50 would only slow the start.
+    server = serve(str(base), extra=["--no-warmup"])
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(server.grpc_target))
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "dolg"
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto([jpeg], dtype=tf.string))
+    served = tf.make_ndarray(stub.Predict(request, timeout=300).outputs["embedding"])
+    server.stop()
     # The same decoded pixels (the server's JPEG decoder), then the authors' pipeline in PyTorch.
     pixels = tf.io.decode_jpeg(jpeg, channels=3).numpy()[None].astype("float32")
     assert pixels.shape[1:3] == (99, 149)
@@ -179,9 +194,18 @@ def test_bare_state_dict_module_prefix_and_missing_p(tmp_path, rng):
     [
         (lambda s: s.pop("fc.bias"), r"missing keys \['fc.bias'\]"),
         (lambda s: s.pop("localmodel.conv1.bias"), "missing keys.*localmodel.conv1.bias"),
-        (lambda s: s.__setitem__("localmodel.extra.weight", torch.zeros(3)), r"unexpected keys \['localmodel.extra.weight'\]"),
-        (lambda s: s.__setitem__("fc_t.bias", torch.zeros(1023)), r"shape mismatches \['fc_t.bias: checkpoint \(1023,\)"),
-        (lambda s: s.__setitem__("globalmodel.s2.b1.f.b.weight", torch.zeros(128, 128, 1, 1)), "globalmodel.s2.b1.f.b.weight"),
+        (
+            lambda s: s.__setitem__("localmodel.extra.weight", torch.zeros(3)),
+            r"unexpected keys \['localmodel.extra.weight'\]",
+        ),
+        (
+            lambda s: s.__setitem__("fc_t.bias", torch.zeros(1023)),
+            r"shape mismatches \['fc_t.bias: checkpoint \(1023,\)",
+        ),
+        (
+            lambda s: s.__setitem__("globalmodel.s2.b1.f.b.weight", torch.zeros(128, 128, 1, 1)),
+            "globalmodel.s2.b1.f.b.weight",
+        ),
     ],
 )
 def test_bad_checkpoints_name_the_key(tmp_path, edit, message):
@@ -241,7 +265,9 @@ def test_cli_convert_writes_a_loadable_keras_model(r50_pair, tmp_path, rng, caps
     capsys.readouterr()
     assert cli.main(["convert", "--checkpoint", str(path), "--out", str(out_dir)]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
-    assert cli.main(["convert", "--checkpoint", str(tmp_path / "none.pyth"), "--out", str(tmp_path / "w.weights.h5")]) == 2
+    assert (
+        cli.main(["convert", "--checkpoint", str(tmp_path / "none.pyth"), "--out", str(tmp_path / "w.weights.h5")]) == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     # The converted model goes straight into the TF Serving export, checked through the C API.
     base = tmp_path / "saved_models" / "dolg"

@@ -20,8 +20,8 @@ from dolg_tf.evaluate import (
     load_image,
     load_revisited,
     ranks_from_embeddings,
-    read_ground_truth,
     read_gldv2_retrieval_solution,
+    read_ground_truth,
     revisited_gnd,
     revisited_map,
 )
@@ -419,6 +419,7 @@ def test_read_gldv2_solution(tmp_path):
 
 
 # --------------------------------------------------------------------------- import weight, CLI
+@pytest.mark.integration
 def test_evaluate_and_index_do_not_import_tensorflow():
     code = (
         "import sys, dolg_tf.evaluate, dolg_tf.index\n"
@@ -499,8 +500,22 @@ def test_cli_evaluate_in_process_keras_model(tmp_path):
     build_dolg("tiny").save(model_path)
     out = tmp_path / "m.json"
     save = tmp_path / "emb"
-    argv = ["evaluate", "--data", str(tmp_path), "--dataset", "roxford5k", "--model", str(model_path),
-            "--scales", "1", "--no-progress", "--save-embeddings", str(save), "--out", str(out)]
+    argv = [
+        "evaluate",
+        "--data",
+        str(tmp_path),
+        "--dataset",
+        "roxford5k",
+        "--model",
+        str(model_path),
+        "--scales",
+        "1",
+        "--no-progress",
+        "--save-embeddings",
+        str(save),
+        "--out",
+        str(out),
+    ]
     assert dolg_main(argv) == 0
     metrics = json.loads(out.read_text())
     q, db = np.load(save / "queries.npy"), np.load(save / "db.npy")
@@ -511,19 +526,28 @@ def test_cli_evaluate_in_process_keras_model(tmp_path):
     assert metrics["medium"]["mAP"] == pytest.approx(want["medium"]["mAP"], abs=1e-6)
 
 
-def test_cli_evaluate_saved_model_through_the_client(tmp_path):
+def test_cli_evaluate_saved_model_through_the_client(tmp_path, tiny_export):
     from dolg_tf.client import Client
-    from dolg_tf.export import export_saved_model
-    from dolg_tf.model import build_dolg
 
     _write_dataset(tmp_path)
-    export_dir = export_saved_model(
-        build_dolg("tiny"), tmp_path / "sm", version=1, image_size=64, scales=(1.0,), max_batch_size=4,
-        warmup_batch_sizes=(),
-    )
+    export_dir = os.path.join(tiny_export, "1")  # the session's tiny export: at most 4 images per call
     save = tmp_path / "emb"
-    argv = ["evaluate", "--data", str(tmp_path), "--dataset", "roxford5k", "--saved-model", str(tmp_path / "sm"),
-            "--batch-size", "4", "--no-progress", "--save-embeddings", str(save), "--out", str(tmp_path / "m.json")]
+    argv = [
+        "evaluate",
+        "--data",
+        str(tmp_path),
+        "--dataset",
+        "roxford5k",
+        "--saved-model",
+        tiny_export,
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--save-embeddings",
+        str(save),
+        "--out",
+        str(tmp_path / "m.json"),
+    ]
     assert dolg_main(argv) == 0
     q, db = np.load(save / "queries.npy"), np.load(save / "db.npy")
     assert q.shape[0] == 2 and db.shape[0] == 6

@@ -1,11 +1,12 @@
 """``dolg serve`` under faults, against real server processes on loopback.
 
-Two tiny exports (64-pixel images) are shared by the module. One server
-takes the amplification request, a second server on its ports, an atomic
-version swap under load and a slowly copied version that loads through
-retries; it is then killed with SIGKILL and restarted on the same ports while a
-retrying client keeps sending, and the restarted server is stopped with
-SIGTERM under REST keep-alive load.
+Two tiny exports (64-pixel images, one scale, at most 32 images a request, other
+weights each; from the session's ``tiny_export_factory``) are shared by the
+module. One private server takes the amplification request, a second server on
+its ports, an atomic version swap under load and a slowly copied version that
+loads through retries; it is then killed with SIGKILL and restarted on the same
+ports while a retrying client keeps sending, and the restarted server is stopped
+with SIGTERM under REST keep-alive load.
 """
 
 from __future__ import annotations
@@ -15,27 +16,25 @@ import http.client
 import io
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import grpc
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from dolg_tf.export import export_saved_model
-from dolg_tf.model import build_dolg
+from dolg_tf.server.process import ServerProcess, cli_command
+from tests.conftest import ONE_SCALE_EXPORT
 
 pytestmark = pytest.mark.integration
 
-EXPORT = dict(image_size=64, scales=(1.0,), warmup_batch_sizes=())
 START_TIMEOUT_S = 180
 RETRY_FLAGS = ("--max_num_load_retries", "40", "--load_retry_interval_micros", "250000")
 
@@ -50,41 +49,26 @@ def _jpeg(seed: int) -> bytes:
 JPEG = _jpeg(0)
 
 
+SERVE_FLAGS = (
+    "--tensorflow-intra-op-parallelism", "1", "--tensorflow-inter-op-parallelism", "2", "--poll-seconds", "0.3",
+)  # fmt: skip
+
+
 def _serve_cmd(base: str, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
-        "serve", "--model-base-path", base, "--tensorflow-intra-op-parallelism", "1",
-        "--tensorflow-inter-op-parallelism", "2", "--poll-seconds", "0.3", *extra,
-    ]  # fmt: skip
+    return cli_command("serve", "--model-base-path", base, *SERVE_FLAGS, *extra)
 
 
 class Served:
-    """A ``dolg serve`` process; stderr goes to a file, the ready line is read from stdout."""
+    """A private ``dolg serve`` (:class:`ServerProcess`, stderr to a file) with a gRPC stub and a few probes."""
 
-    def __init__(self, base: str, log_path: str, *extra: str):
-        self.base, self.log_path = base, log_path
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            _serve_cmd(base, *extra), stdout=subprocess.PIPE, stderr=self._log, env=env, text=True
-        )
-        self.lines: list[str] = []
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if line.startswith("{") and "grpc_port" in line:
-                    self.ready = json.loads(line)
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not ready.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"dolg serve did not start (exit {self.proc.poll()}):\n{self.log()}")
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.ready['grpc_port']}")
+    def __init__(self, base: str, log_path: str, grpc_port: int = 0, rest_port: int = 0):
+        self.base = base
+        self.process = ServerProcess(
+            base, extra=(*SERVE_FLAGS, *RETRY_FLAGS), log_path=log_path, grpc_port=grpc_port, rest_port=rest_port,
+            timeout=START_TIMEOUT_S,
+        ).start()  # fmt: skip
+        self.proc, self.ready = self.process.proc, self.process.info
+        self.channel = grpc.insecure_channel(self.process.grpc_target)
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
 
     @property
@@ -92,8 +76,7 @@ class Served:
         return self.ready["rest_port"]
 
     def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
+        return self.process.log()[-4000:]
 
     def rss_kb(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -111,7 +94,6 @@ class Served:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(30)
-        self._log.close()
 
 
 def _request(images: list[bytes]) -> predict_pb2.PredictRequest:
@@ -136,27 +118,27 @@ def _wait_for(predicate, timeout: float, what: str, server: Served):
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """A base path holding version 1, and version 2 (other weights) staged outside it."""
+def exports(tiny_export_factory, tmp_path_factory):
+    """A base path holding version 1, and version 2 (other weights) kept outside it."""
     root = tmp_path_factory.mktemp("faults")
-    staging = root / "staging"
-    embeddings = {}
+    versions, embeddings = {}, {}
     for version in (1, 2):
-        keras.utils.set_random_seed(100 + version)
-        path = export_saved_model(build_dolg("tiny"), str(staging), version=version, **EXPORT)
-        embeddings[version] = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant([JPEG]))[
-            "embedding"
-        ].numpy()[0]
+        versions[version] = pathlib.Path(tiny_export_factory(seed=100 + version, **ONE_SCALE_EXPORT))
+        embeddings[version] = (
+            tf.saved_model.load(str(versions[version]))
+            .signatures["serving_default"](images=tf.constant([JPEG]))["embedding"]
+            .numpy()[0]
+        )
     base = root / "dolg"
     base.mkdir()
-    shutil.copytree(staging / "1", base / "1")
-    return {"root": root, "base": str(base), "staging": staging, "embeddings": embeddings}
+    shutil.copytree(versions[1], base / "1")
+    return {"root": root, "base": str(base), "versions": versions, "embeddings": embeddings}
 
 
 @pytest.fixture(scope="module")
 def servers(exports):
     """The module's server; the SIGKILL test replaces it with its restart."""
-    box = {"server": Served(exports["base"], str(exports["root"] / "server.log"), "--port", "0", "--rest-api-port", "0", *RETRY_FLAGS)}
+    box = {"server": Served(exports["base"], str(exports["root"] / "server.log"))}
     yield box
     box["server"].close()
 
@@ -199,14 +181,11 @@ def test_amplification_request_is_refused_at_once_and_memory_stays_flat(server):
 
 
 def test_a_second_server_on_busy_ports_exits_2_with_one_line(server, exports):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
     for flags, port in (
         (("--port", str(server.ready["grpc_port"]), "--rest-api-port", "0"), server.ready["grpc_port"]),
         (("--port", "0", "--rest-api-port", str(server.rest_port)), server.rest_port),
     ):
-        done = subprocess.run(
-            _serve_cmd(exports["base"], *flags), capture_output=True, text=True, env=env, timeout=120
-        )
+        done = subprocess.run(_serve_cmd(exports["base"], *flags), capture_output=True, text=True, timeout=120)
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert done.returncode == 2, done.stderr
         assert len(lines) == 1 and str(port) in lines[0] and "already in use" in lines[0], done.stderr
@@ -242,7 +221,7 @@ def test_atomic_version_swap_under_load_fails_no_request(server, exports):
         time.sleep(1.0)
         # Write aside, then rename: the version appears whole.
         tmp = os.path.join(exports["base"], ".incoming-2")
-        shutil.copytree(exports["staging"] / "2", tmp)
+        shutil.copytree(exports["versions"][2], tmp)
         os.rename(tmp, os.path.join(exports["base"], "2"))
         _wait_for(lambda: versions and versions[-1] == 2, 120, "version 2 answering", server)
         time.sleep(0.5)
@@ -256,7 +235,7 @@ def test_atomic_version_swap_under_load_fails_no_request(server, exports):
 
 def test_a_slow_copy_loads_through_retries(server, exports):
     # Version 3 holds version 2's weights; the version number in the answer tells them apart.
-    src, dst = exports["staging"] / "2", os.path.join(exports["base"], "3")
+    src, dst = exports["versions"][2], os.path.join(exports["base"], "3")
     os.makedirs(dst)
     for name in os.listdir(src):  # everything but the variables: the first loads fail
         if name != "variables":
@@ -297,9 +276,8 @@ def test_sigkill_and_restart_with_a_retrying_client(servers, exports):
             first.close()
             count = len(results)
             servers["server"] = Served(
-                exports["base"], str(exports["root"] / "restart.log"),
-                "--port", str(port), "--rest-api-port", str(first.rest_port), *RETRY_FLAGS,
-            )  # fmt: skip
+                exports["base"], str(exports["root"] / "restart.log"), grpc_port=port, rest_port=first.rest_port
+            )
             _wait_for(lambda: len(results) >= count + 3, 120, "answers after the restart", servers["server"])
         finally:
             stop.set()
@@ -359,4 +337,7 @@ def test_sigterm_under_rest_keep_alive_load_drains_and_exits_0(server):
     after = outcomes[sent_at:]
     # Requests in flight at SIGTERM were answered (told to close); none was dropped.
     assert "ok-close" in after or "503" in after, outcomes
-    assert '"stopped": true' in "".join(server.lines)
+    deadline = time.monotonic() + 10  # the launcher's reader thread reads stdout to its end
+    while '"stopped": true' not in server.process.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert '"stopped": true' in server.process.output()

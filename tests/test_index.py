@@ -314,21 +314,85 @@ def test_cli_build_and_search(tmp_path, data, capsys):
     (tmp_path / "ids.txt").write_text("\n".join(f"img{i}.jpg" for i in range(1000)) + "\n")
     (tmp_path / "qids.json").write_text(json.dumps([f"query{i}" for i in range(5)]))
     out_index = tmp_path / "g.dolgidx"
-    assert dolg_main(["index", "build", "--embeddings", str(tmp_path / "db.npy"), "--ids", str(tmp_path / "ids.txt"),
-                      "--kind", "hnsw", "--out", str(out_index)]) == 0
+    assert (
+        dolg_main(
+            [
+                "index",
+                "build",
+                "--embeddings",
+                str(tmp_path / "db.npy"),
+                "--ids",
+                str(tmp_path / "ids.txt"),
+                "--kind",
+                "hnsw",
+                "--out",
+                str(out_index),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.splitlines()[0])["ntotal"] == 1000
     results = tmp_path / "r.json"
-    assert dolg_main(["index", "search", "--index", str(out_index), "--queries", str(tmp_path / "q.npy"),
-                      "--query-ids", str(tmp_path / "qids.json"), "-k", "5", "--out", str(results)]) == 0
+    assert (
+        dolg_main(
+            [
+                "index",
+                "search",
+                "--index",
+                str(out_index),
+                "--queries",
+                str(tmp_path / "q.npy"),
+                "--query-ids",
+                str(tmp_path / "qids.json"),
+                "-k",
+                "5",
+                "--out",
+                str(results),
+            ]
+        )
+        == 0
+    )
     got = json.loads(results.read_text())
     want = np.argsort(-(queries[:5] @ db[:1000].T), axis=1)[:, :5]
     assert [r["query"] for r in got["results"]] == [f"query{i}" for i in range(5)]
     assert [r["ids"] for r in got["results"]] == [[f"img{i}.jpg" for i in row] for row in want]
     # with query expansion and a flat index with DBA
-    assert dolg_main(["index", "build", "--embeddings", str(tmp_path / "db.npy"), "--kind", "flat", "--dba", "2",
-                      "--out", str(out_index)]) == 0
-    assert dolg_main(["index", "search", "--index", str(out_index), "--queries", str(tmp_path / "q.npy"),
-                      "-k", "3", "--qe", "3", "--out", str(results)]) == 0
+    assert (
+        dolg_main(
+            [
+                "index",
+                "build",
+                "--embeddings",
+                str(tmp_path / "db.npy"),
+                "--kind",
+                "flat",
+                "--dba",
+                "2",
+                "--out",
+                str(out_index),
+            ]
+        )
+        == 0
+    )
+    assert (
+        dolg_main(
+            [
+                "index",
+                "search",
+                "--index",
+                str(out_index),
+                "--queries",
+                str(tmp_path / "q.npy"),
+                "-k",
+                "3",
+                "--qe",
+                "3",
+                "--out",
+                str(results),
+            ]
+        )
+        == 0
+    )
     got = json.loads(results.read_text())
     assert got["query_expansion"] == {"alpha": 3.0, "neighbours": 2} and len(got["results"][0]["ids"]) == 3
     capsys.readouterr()
@@ -337,12 +401,38 @@ def test_cli_build_and_search(tmp_path, data, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     np.save(tmp_path / "db.npy", np.ones((3, 4), np.float32))
     (tmp_path / "ids.json").write_text(json.dumps(["a", "a", "b"]))
-    assert dolg_main(["index", "build", "--embeddings", str(tmp_path / "db.npy"), "--ids", str(tmp_path / "ids.json"),
-                      "--out", str(tmp_path / "g")]) == 2
+    assert (
+        dolg_main(
+            [
+                "index",
+                "build",
+                "--embeddings",
+                str(tmp_path / "db.npy"),
+                "--ids",
+                str(tmp_path / "ids.json"),
+                "--out",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 2
+    )
     assert "duplicate id 'a'" in capsys.readouterr().err
     (tmp_path / "bad").write_bytes(b"junk")
-    assert dolg_main(["index", "search", "--index", str(tmp_path / "bad"), "--queries", str(tmp_path / "db.npy"),
-                      "--out", str(tmp_path / "r.json")]) == 2
+    assert (
+        dolg_main(
+            [
+                "index",
+                "search",
+                "--index",
+                str(tmp_path / "bad"),
+                "--queries",
+                str(tmp_path / "db.npy"),
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "not a dolg_tf index file" in err and len(err.strip().splitlines()) == 1
 
@@ -360,7 +450,7 @@ def test_ivf_query_expansion_then_more_adds_then_reload(tmp_path):
     assert loaded.augmented(3).nlist == 20
 
 
-# --------------------------------------------------------------------------- compressed kind (IVF-PQ + exact re-ranking)
+# ------------------------------------------------------------------------- compressed kind (IVF-PQ + exact re-ranking)
 @pytest.fixture(scope="module", autouse=True)
 def one_faiss_thread():
     """faiss' OpenMP k-means on tiny data crawls when its threads outnumber free cores; one thread does not."""
@@ -436,7 +526,9 @@ def test_ivfpq_from_a_faiss_factory_string(data):
         Index(64, "ivfpq", pq_m=24)
     assert Index(512, "ivfpq").options()["pq_m"] == 128
     with pytest.raises(DataError, match="could not train"):
-        Index(64, "ivfpq", nlist=1).add(db[:8])  # default pq_m: 64 // 4 = 16  # 8 vectors cannot make 16-centroid codebooks
+        Index(64, "ivfpq", nlist=1).add(
+            db[:8]
+        )  # default pq_m: 64 // 4 = 16  # 8 vectors cannot make 16-centroid codebooks
 
 
 def _rewrite(raw: bytes, header_change=None, body_change=None) -> bytes:
@@ -486,7 +578,9 @@ def test_sixteen_kinds_of_corrupt_file_raise_index_file_error(tmp_path, ivfpq):
         "bit flip in the ids": flip(len(raw) - 40),
         "digest flipped": flip(len(raw) - 1),
         "huge header length": raw[:8] + struct.pack("<Q", 1 << 62) + raw[16:],
-        "header not JSON": _rewrite(raw, header_change=lambda h: h, body_change=None)[:16] + b"{" * hlen + raw[16 + hlen :],
+        "header not JSON": _rewrite(raw, header_change=lambda h: h, body_change=None)[:16]
+        + b"{" * hlen
+        + raw[16 + hlen :],
         "header a list": _rewrite(raw, header_change=lambda h: [h]),
         "negative section size": _rewrite(raw, header_change=put("id_bytes", -5)),
         "vector section of the wrong size": _rewrite(
@@ -522,10 +616,27 @@ def test_format_version_1_files_still_load(tmp_path):
     faiss_bytes = faiss.serialize_index(flat).tobytes()
     buf = io.BytesIO()
     np.save(buf, np.arange(100, 120, dtype=np.int64), allow_pickle=False)
-    options = {"dim": 8, "kind": "flat", "nlist": None, "nprobe": 16, "m": 32, "ef_construction": 100,
-               "ef_search": 128, "normalize": True}
-    header = json.dumps({"format": "dolg_tf.index", "version": 1, "options": options, "ntotal": 20, "id_type": "int64",
-                         "faiss_bytes": len(faiss_bytes), "id_bytes": len(buf.getvalue())}).encode()
+    options = {
+        "dim": 8,
+        "kind": "flat",
+        "nlist": None,
+        "nprobe": 16,
+        "m": 32,
+        "ef_construction": 100,
+        "ef_search": 128,
+        "normalize": True,
+    }
+    header = json.dumps(
+        {
+            "format": "dolg_tf.index",
+            "version": 1,
+            "options": options,
+            "ntotal": 20,
+            "id_type": "int64",
+            "faiss_bytes": len(faiss_bytes),
+            "id_bytes": len(buf.getvalue()),
+        }
+    ).encode()
     body = b"DOLGIDX\x00" + struct.pack("<Q", len(header)) + header + faiss_bytes + buf.getvalue()
     (tmp_path / "v1").write_bytes(body + hashlib.sha256(body).digest())
     index = Index.load(tmp_path / "v1")
@@ -538,12 +649,49 @@ def test_cli_ivfpq_build_and_memory_mapped_search(tmp_path, data, capsys):
     np.save(tmp_path / "db.npy", db[:2000])
     np.save(tmp_path / "q.npy", queries[:5])
     out_index = tmp_path / "g.dolgidx"
-    assert dolg_main(["index", "build", "--embeddings", str(tmp_path / "db.npy"), "--kind", "ivfpq", "--pq-m", "16",
-                      "--nlist", "16", "--out", str(out_index)]) == 0
+    assert (
+        dolg_main(
+            [
+                "index",
+                "build",
+                "--embeddings",
+                str(tmp_path / "db.npy"),
+                "--kind",
+                "ivfpq",
+                "--pq-m",
+                "16",
+                "--nlist",
+                "16",
+                "--out",
+                str(out_index),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.splitlines()[0])["kind"] == "ivfpq"
     results = tmp_path / "r.json"
-    assert dolg_main(["index", "search", "--index", str(out_index), "--mmap", "--nprobe", "16", "--rerank", "8",
-                      "--queries", str(tmp_path / "q.npy"), "-k", "5", "--out", str(results)]) == 0
+    assert (
+        dolg_main(
+            [
+                "index",
+                "search",
+                "--index",
+                str(out_index),
+                "--mmap",
+                "--nprobe",
+                "16",
+                "--rerank",
+                "8",
+                "--queries",
+                str(tmp_path / "q.npy"),
+                "-k",
+                "5",
+                "--out",
+                str(results),
+            ]
+        )
+        == 0
+    )
     got = [r["ids"] for r in json.loads(results.read_text())["results"]]
     want = np.argsort(-(queries[:5] @ db[:2000].T), axis=1, kind="stable")[:, :5]
     assert recall(np.array(got), want, 5) >= 0.95
@@ -553,17 +701,45 @@ def test_cli_ivfpq_build_and_memory_mapped_search(tmp_path, data, capsys):
 def test_cli_says_which_file_goes_where(tmp_path, capsys):
     np.save(tmp_path / "gallery.npy", np.ones((3, 4), np.float32))
     (tmp_path / "gallery.ids.json").write_text(json.dumps({"ids": ["a", "b", "c"]}))
-    assert dolg_main(["index", "build", "--embeddings", str(tmp_path / "gallery.ids.json"),
-                      "--out", str(tmp_path / "g")]) == 2
+    assert (
+        dolg_main(["index", "build", "--embeddings", str(tmp_path / "gallery.ids.json"), "--out", str(tmp_path / "g")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--embeddings" in err and "gallery.ids.json" in err and "goes to --ids" in err
     assert "pickle" not in err and len(err.strip().splitlines()) == 1
-    assert dolg_main(["index", "build", "--embeddings", str(tmp_path / "gallery.npy"), "--ids",
-                      str(tmp_path / "gallery.npy"), "--out", str(tmp_path / "g")]) == 2
+    assert (
+        dolg_main(
+            [
+                "index",
+                "build",
+                "--embeddings",
+                str(tmp_path / "gallery.npy"),
+                "--ids",
+                str(tmp_path / "gallery.npy"),
+                "--out",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--ids" in err and "goes to --embeddings" in err and len(err.strip().splitlines()) == 1
-    assert dolg_main(["index", "search", "--index", str(tmp_path / "g"), "--queries", str(tmp_path / "gallery.ids.json"),
-                      "--out", str(tmp_path / "r.json")]) == 2
+    assert (
+        dolg_main(
+            [
+                "index",
+                "search",
+                "--index",
+                str(tmp_path / "g"),
+                "--queries",
+                str(tmp_path / "gallery.ids.json"),
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 2
+    )
     assert "--queries" in capsys.readouterr().err
 
 

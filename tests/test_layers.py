@@ -376,4 +376,3 @@ class TestMarginHeads:
             ArcFace(3, margin=math.pi)
         with pytest.raises(ConfigError, match="3 values"):
             SubCenterArcFace(3, margins=[0.1, 0.2])
-

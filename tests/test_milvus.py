@@ -1,4 +1,5 @@
-"""dolg_tf.index.MilvusIndex on Milvus Lite (a local .db file): the faiss index's search contract, and `dolg index --backend milvus`.
+"""dolg_tf.index.MilvusIndex on Milvus Lite (a local .db file): the faiss index's search contract, and
+`dolg index --backend milvus`.
 
 Milvus Lite runs its server in this process (a gRPC server on 127.0.0.1); every
 collection opened here is closed, which stops that server and unlocks the file.
@@ -145,27 +146,101 @@ def test_cli_build_and_search_write_the_faiss_results_format(tmp_path, data, cap
     (tmp_path / "ids.json").write_text(json.dumps({"ids": [f"img{i}.jpg" for i in range(400)]}))
     uri = str(tmp_path / "cli.db")
     common = ["--embeddings", str(tmp_path / "db.npy"), "--ids", str(tmp_path / "ids.json")]
-    assert dolg_main(["index", "build", "--backend", "milvus", "--uri", uri, "--collection", "g", "--kind", "ivf",
-                      "--nlist", "8", *common]) == 0
+    assert (
+        dolg_main(
+            [
+                "index",
+                "build",
+                "--backend",
+                "milvus",
+                "--uri",
+                uri,
+                "--collection",
+                "g",
+                "--kind",
+                "ivf",
+                "--nlist",
+                "8",
+                *common,
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.splitlines()[0])
     assert summary["ntotal"] == 400 and summary["kind"] == "IVF_FLAT" and summary["params"] == {"nlist": 8}
-    assert dolg_main(["index", "search", "--backend", "milvus", "--uri", uri, "--collection", "g", "--nprobe", "8",
-                      "--queries", str(tmp_path / "q.npy"), "-k", "5", "--out", str(tmp_path / "m.json")]) == 0
+    assert (
+        dolg_main(
+            [
+                "index",
+                "search",
+                "--backend",
+                "milvus",
+                "--uri",
+                uri,
+                "--collection",
+                "g",
+                "--nprobe",
+                "8",
+                "--queries",
+                str(tmp_path / "q.npy"),
+                "-k",
+                "5",
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
     assert dolg_main(["index", "build", *common, "--out", str(tmp_path / "g.dolgidx")]) == 0
-    assert dolg_main(["index", "search", "--index", str(tmp_path / "g.dolgidx"), "--queries", str(tmp_path / "q.npy"),
-                      "-k", "5", "--out", str(tmp_path / "f.json")]) == 0
+    assert (
+        dolg_main(
+            [
+                "index",
+                "search",
+                "--index",
+                str(tmp_path / "g.dolgidx"),
+                "--queries",
+                str(tmp_path / "q.npy"),
+                "-k",
+                "5",
+                "--out",
+                str(tmp_path / "f.json"),
+            ]
+        )
+        == 0
+    )
     milvus, faiss_ = (json.loads((tmp_path / name).read_text()) for name in ("m.json", "f.json"))
     assert milvus.keys() == faiss_.keys() and milvus["k"] == faiss_["k"] == 5
     assert [r["ids"] for r in milvus["results"]] == [r["ids"] for r in faiss_["results"]]
-    np.testing.assert_allclose([r["scores"] for r in milvus["results"]], [r["scores"] for r in faiss_["results"]], atol=1e-5)
+    np.testing.assert_allclose(
+        [r["scores"] for r in milvus["results"]], [r["scores"] for r in faiss_["results"]], atol=1e-5
+    )
     # --replace rebuilds; a second plain build refuses, in one line
-    assert dolg_main(["index", "build", "--backend", "milvus", "--uri", uri, "--collection", "g", "--replace", *common]) == 0
+    assert (
+        dolg_main(["index", "build", "--backend", "milvus", "--uri", uri, "--collection", "g", "--replace", *common])
+        == 0
+    )
     capsys.readouterr()
     assert dolg_main(["index", "build", "--backend", "milvus", "--uri", uri, "--collection", "g", *common]) == 2
     err = capsys.readouterr().err
     assert "already exists" in err and len(err.strip().splitlines()) == 1
-    assert dolg_main(["index", "search", "--backend", "milvus", "--uri", uri, "--queries", str(tmp_path / "q.npy"),
-                      "--out", str(tmp_path / "m.json")]) == 2
+    assert (
+        dolg_main(
+            [
+                "index",
+                "search",
+                "--backend",
+                "milvus",
+                "--uri",
+                uri,
+                "--queries",
+                str(tmp_path / "q.npy"),
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 2
+    )
     assert "--backend milvus needs --collection" in capsys.readouterr().err
 
 

@@ -151,7 +151,9 @@ def test_parquet_schema_and_metadata(folder_runs, export):
     fp = fingerprint_pb2.FingerprintDef()
     with open(os.path.join(path, "fingerprint.pb"), "rb") as f:
         fp.ParseFromString(f.read())
-    singleprint = f"{fp.graph_def_program_hash}/{fp.signature_def_hash}/{fp.saved_object_graph_hash}/{fp.checkpoint_hash}"
+    singleprint = (
+        f"{fp.graph_def_program_hash}/{fp.signature_def_hash}/{fp.saved_object_graph_hash}/{fp.checkpoint_hash}"
+    )
     out = folder_runs[0][0]
     for name in os.listdir(out):
         if name.endswith(".parquet"):

@@ -85,9 +85,7 @@ def png(height: int, width: int) -> bytes:
 def official_export(tmp_path_factory):
     """The official profile's export (no pre-resize) around the recording model; one call embeds CHUNK images."""
     base = tmp_path_factory.mktemp("sizes") / "m"
-    path = export_saved_model(
-        recording_model(), base, profile="official", max_batch_size=CHUNK, warmup_batch_sizes=()
-    )
+    path = export_saved_model(recording_model(), base, profile="official", max_batch_size=CHUNK, warmup_batch_sizes=())
     return tf.saved_model.load(path).signatures["serving_default"]
 
 

@@ -1,33 +1,28 @@
 """``dolg serve`` against a real server process on loopback, through raw gRPC stubs and raw HTTP.
 
-One server is started for the whole module (tiny preset, 64-pixel exports) with
-two versions and labels; the last tests export a third version while it runs
-and then stop it with SIGTERM. Every embedding the server returns is compared
-with the same SavedModel called in this process.
+One private server is started for the whole module on two versions of the tiny
+model (the session's tiny export and a one-scale export with other weights) with labels; the last
+tests install a third version while it runs and then stop it with SIGTERM. Every
+embedding the server returns is compared with the same SavedModel called in this
+process.
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import os
 import select
 import signal
-import struct
 import subprocess
-import sys
 import threading
 import time
-import zlib
 
 import grpc
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -37,85 +32,38 @@ from tensorflow_serving.apis import (
 )
 
 from dolg_tf.errors import ServingError
-from dolg_tf.export import export_saved_model
-from dolg_tf.model import build_dolg
 from dolg_tf.server import VersionPolicy, parse_version_labels
+from dolg_tf.server.process import ServerProcess, cli_command
 from dolg_tf.server.rest import json_to_array, parse_predict_body
+from tests.conftest import ONE_SCALE_EXPORT, install_version
+from tests.images import encode as _encode
+from tests.images import image_corpus
+from tests.images import photo as _photo
 
-pytestmark = pytest.mark.integration
-
-EXPORT = dict(image_size=64, scales=(0.7071, 1.0))
+integration = pytest.mark.integration
 MAX_MESSAGE = 4 << 20
 REST_MAX_CONNECTIONS = 12
 START_TIMEOUT_S = 180
 
 
 # --- images ---------------------------------------------------------------------------------
-def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def _photo(h: int = 48, w: int = 72, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], -1)
-    return np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A well-formed PNG header claiming ``width x height`` with almost no pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
-def _jpeg_claiming(width: int, height: int) -> bytes:
-    """A small JPEG whose SOF0 frame header is rewritten to claim ``width x height``."""
-    data = bytearray(_encode(Image.fromarray(_photo(16, 16)), "JPEG", quality=90))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
-
-
-def _animated_gif() -> bytes:
-    frames = [Image.fromarray(_photo(40, 40, seed=s)).convert("P") for s in range(3)]
-    return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
-
-
-GOOD_JPEG = _encode(Image.fromarray(_photo()), "JPEG", quality=92)
-GOOD_PNG = _encode(Image.fromarray(_photo(40, 30, seed=1)), "PNG")
+GOOD_JPEG = _encode(_photo(), "JPEG", quality=92)
+GOOD_PNG = _encode(_photo(40, 30, seed=1), "PNG")
 
 # name -> (bytes, decodable): decodable inputs must give the in-process embedding,
 # the others INVALID_ARGUMENT / HTTP 400.
-IMAGE_CORPUS = {
-    "empty bytes": (b"", False),
-    "text": (b"this is not an image, just some text\n", False),
-    "truncated jpeg": (GOOD_JPEG[: len(GOOD_JPEG) // 2], False),
-    "png header claims 30000x30000": (_png_claiming(30000, 30000), False),
-    "jpeg header claims 30000x30000": (_jpeg_claiming(30000, 30000), False),
-    "cmyk jpeg": (_encode(Image.fromarray(_photo(seed=2)).convert("CMYK"), "JPEG"), True),
-    "16-bit rgb png": (tf.io.encode_png(_photo(seed=3).astype(np.uint16) * 257).numpy(), True),
-    "grayscale png": (_encode(Image.fromarray(_photo(seed=4)).convert("L"), "PNG"), True),
-    "grayscale jpeg": (_encode(Image.fromarray(_photo(seed=5)).convert("L"), "JPEG"), True),
-    "rgba png": (_encode(Image.fromarray(_photo(seed=6)).convert("RGBA"), "PNG"), True),
-    "animated gif": (_animated_gif(), True),
-    "1x1 png": (_encode(Image.fromarray(_photo(1, 1, seed=7)), "PNG"), True),
-    "bmp": (_encode(Image.fromarray(_photo(seed=8)), "BMP"), True),
-}
+IMAGE_CORPUS = image_corpus()
 
 
 # --- the server -------------------------------------------------------------------------------
 class Server:
-    def __init__(self, proc: subprocess.Popen, ready: dict, base: str, log_path: str):
-        self.proc, self.ready, self.base, self.log_path = proc, ready, base, log_path
+    """The module's ``dolg serve`` (a :class:`ServerProcess`) with raw gRPC stubs, raw HTTP, in-process references."""
+
+    def __init__(self, process: ServerProcess, next_version: str):
+        self.process, self.proc, self.ready, self.base = process, process.proc, process.info, process.base_path
+        self.next_version = next_version  # installed as version 3 by the lifecycle tests
         self.channel = grpc.insecure_channel(
-            f"127.0.0.1:{ready['grpc_port']}",
+            process.grpc_target,
             options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
         )
         self.predict = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
@@ -142,52 +90,34 @@ class Server:
         return self.log_all()[-4000:]
 
     def log_all(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-
-def _start_server(base: str, log_path: str, *extra: str) -> Server:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [
-        sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
-        "-v", "serve", "--model-base-path", base, "--port", "0", "--rest-api-port", "0",
-        "--tensorflow-intra-op-parallelism", "1", "--tensorflow-inter-op-parallelism", "2",
-        "--max-message-bytes", str(MAX_MESSAGE), *extra,
-    ]  # fmt: skip
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"dolg serve exited with {proc.returncode}:\n{open(log_path).read()[-4000:]}")
-        readable, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if readable:
-            line = proc.stdout.readline()
-            if line.startswith("{"):
-                return Server(proc, json.loads(line), base, log_path)
-    proc.kill()
-    raise AssertionError(f"dolg serve did not report its ports in {START_TIMEOUT_S} s:\n{open(log_path).read()[-4000:]}")
+        return self.process.log()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tiny_export_factory, tmp_path_factory):
     base = str(tmp_path_factory.mktemp("serve") / "dolg")
-    for version, seed in ((1, 11), (2, 22)):
-        keras.utils.set_random_seed(seed)  # different weights: versions give different embeddings
-        export_saved_model(build_dolg("tiny"), base, version=version, **EXPORT)
-    srv = _start_server(
+    # Different weights: versions give different embeddings. Version 1 is the session's tiny export; 2 and 3
+    # are the one-scale exports the fault tests serve too.
+    install_version(tiny_export_factory(), base, 1)
+    install_version(tiny_export_factory(seed=101, **ONE_SCALE_EXPORT), base, 2)
+    next_version = tiny_export_factory(seed=102, **ONE_SCALE_EXPORT)
+    process = ServerProcess(
         base,
-        str(tmp_path_factory.mktemp("serve-log") / "server.log"),
-        "--version-policy", "all", "--version-labels", "stable=1,canary=2,next=3", "--poll-seconds", "0.5",
-        # "next" names a version exported later, which TF Serving allows only with this flag.
-        "--allow_version_labels_for_unavailable_models",
-        "--max_num_load_retries", "1", "--load_retry_interval_micros", "200000",
-        "--rest_api_max_connections", str(REST_MAX_CONNECTIONS),
+        log_path=str(tmp_path_factory.mktemp("serve-log") / "server.log"),
+        verbose=True,
+        timeout=START_TIMEOUT_S,
+        extra=[
+            "--tensorflow-intra-op-parallelism", "1", "--tensorflow-inter-op-parallelism", "2",
+            "--max-message-bytes", str(MAX_MESSAGE),
+            "--version-policy", "all", "--version-labels", "stable=1,canary=2,next=3", "--poll-seconds", "0.5",
+            # "next" names a version installed later, which TF Serving allows only with this flag.
+            "--allow_version_labels_for_unavailable_models",
+            "--max_num_load_retries", "1", "--load_retry_interval_micros", "200000",
+            "--rest_api_max_connections", str(REST_MAX_CONNECTIONS),
+        ],
     )  # fmt: skip
-    yield srv
-    if srv.proc.poll() is None:
-        srv.proc.kill()
-        srv.proc.wait(30)
+    with process:
+        yield Server(process, next_version)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -258,13 +188,10 @@ def test_serve_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "looks like a version directory" in err and f"--model-base-path {version_dir.parent}" in err, err
 
 
+@integration
 def test_sigterm_while_waiting_for_a_first_version(tmp_path):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [
-        sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
-        "serve", "--model-base-path", str(tmp_path), "--port", "0", "--rest-api-port", "0",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    cmd = cli_command("serve", "--model-base-path", str(tmp_path), "--port", "0", "--rest-api-port", "0")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         seen = ""
@@ -300,6 +227,7 @@ def test_rest_json_conversion_is_strict():
 
 
 # --- predict ---------------------------------------------------------------------------------------
+@integration
 def test_grpc_predict_both_signatures_match_in_process(server):
     response = server.predict.Predict(_bytes_request([GOOD_JPEG, GOOD_PNG], version=1), timeout=60)
     got = tf.make_ndarray(response.outputs["embedding"])
@@ -316,9 +244,12 @@ def test_grpc_predict_both_signatures_match_in_process(server):
     assert response.model_spec.signature_name == "embed_pixels"
 
 
+@integration
 def test_rest_predict_row_and_columnar_match_in_process(server):
     want = server.reference(2, "serving_default", images=tf.constant([GOOD_JPEG, GOOD_PNG]))
-    status, body = server.http("POST", "/v1/models/dolg/versions/2:predict", {"instances": [_b64(GOOD_JPEG), _b64(GOOD_PNG)]})
+    status, body = server.http(
+        "POST", "/v1/models/dolg/versions/2:predict", {"instances": [_b64(GOOD_JPEG), _b64(GOOD_PNG)]}
+    )
     assert status == 200, body
     _assert_close(body["predictions"], want)  # single output: one list per instance, no output name
     status, body = server.http(
@@ -337,6 +268,7 @@ def test_rest_predict_row_and_columnar_match_in_process(server):
     _assert_close(body["predictions"], server.reference(2, "embed_pixels", pixels=pixels[None]))
 
 
+@integration
 def test_version_and_label_selection(server):
     v1 = server.predict.Predict(_bytes_request([GOOD_JPEG], version=1), timeout=60)
     stable = server.predict.Predict(_bytes_request([GOOD_JPEG], label="stable"), timeout=60)
@@ -353,6 +285,7 @@ def test_version_and_label_selection(server):
     assert err.code() == grpc.StatusCode.NOT_FOUND and "3" in err.details(), err.details()
 
 
+@integration
 def test_unknown_model_version_label_signature_are_not_found(server):
     bad_model = _bytes_request([GOOD_JPEG])
     bad_model.model_spec.name = "resnet"
@@ -375,6 +308,7 @@ def test_unknown_model_version_label_signature_are_not_found(server):
 
 
 # --- metadata and status -------------------------------------------------------------------------
+@integration
 def test_metadata_grpc_and_rest(server):
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     request.model_spec.name = "dolg"
@@ -402,17 +336,25 @@ def test_metadata_grpc_and_rest(server):
     assert _grpc_error(server.predict.GetModelMetadata, empty).code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@integration
 def test_model_status_grpc_and_rest(server):
     request = get_model_status_pb2.GetModelStatusRequest()
     request.model_spec.name = "dolg"
     response = server.models.GetModelStatus(request, timeout=60)
     states = {s.version: s for s in response.model_version_status}
     assert set(states) >= {1, 2}
-    assert all(s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE and s.status.error_code == 0 for s in states.values())
+    assert all(
+        s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE and s.status.error_code == 0
+        for s in states.values()
+    )
 
     status, body = server.http("GET", "/v1/models/dolg/versions/2")
     assert status == 200, body
-    assert body == {"model_version_status": [{"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+    assert body == {
+        "model_version_status": [
+            {"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+        ]
+    }
     status, body = server.http("GET", "/v1/models/dolg/labels/stable")
     assert status == 200 and [s["version"] for s in body["model_version_status"]] == ["1"], body
     status, body = server.http("GET", "/v1/models/dolg/versions/42")
@@ -426,6 +368,7 @@ def test_model_status_grpc_and_rest(server):
 
 
 # --- bad input --------------------------------------------------------------------------------------
+@integration
 @pytest.mark.parametrize("name", sorted(IMAGE_CORPUS))
 def test_image_corpus_grpc_and_rest(server, name):
     data, decodable = IMAGE_CORPUS[name]
@@ -446,6 +389,7 @@ def test_image_corpus_grpc_and_rest(server, name):
     assert tf.make_ndarray(good.outputs["embedding"]).shape[0] == 1
 
 
+@integration
 def test_malformed_tensors_and_json_are_invalid_argument(server):
     zero = _bytes_request([], version=1)
     wrong_dtype = _bytes_request([GOOD_JPEG], version=1)
@@ -493,6 +437,7 @@ def test_malformed_tensors_and_json_are_invalid_argument(server):
     assert status == 200 and len(body["predictions"]) == 1
 
 
+@integration
 def test_rest_chunked_body(server):
     body = json.dumps({"instances": [_b64(GOOD_JPEG)]}).encode()
     conn = http.client.HTTPConnection("127.0.0.1", server.ready["rest_port"], timeout=60)
@@ -504,9 +449,13 @@ def test_rest_chunked_body(server):
     _assert_close(payload["predictions"], server.reference(1, "serving_default", images=tf.constant([GOOD_JPEG])))
 
 
+@integration
 def test_message_size_limit(server):
     big = os.urandom(MAX_MESSAGE + 1024)
-    assert _grpc_error(server.predict.Predict, _bytes_request([big], version=1)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (
+        _grpc_error(server.predict.Predict, _bytes_request([big], version=1)).code()
+        == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
     status, payload = server.http("POST", "/v1/models/dolg/versions/1:predict", big)
     assert status == 413 and "bytes" in payload["error"]
     assert server.predict.Predict(_bytes_request([GOOD_JPEG], version=1), timeout=60).outputs["embedding"].dtype
@@ -526,6 +475,7 @@ def _raw_http(server, data: bytes) -> tuple[int, dict, dict]:
     return response.status, json.loads(body), headers
 
 
+@integration
 def test_http_level_errors_are_tf_serving_json(server):
     many_headers = "".join(f"X-H{i}: v\r\n" for i in range(200))
     for label, data, status, words in (
@@ -541,7 +491,8 @@ def test_http_level_errors_are_tf_serving_json(server):
         ),
         (
             "bad chunk size",
-            b"POST /v1/models/dolg:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+            b"POST /v1/models/dolg:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\n{}\r\n0\r\n\r\n",
             400,
             "bad chunk",
         ),
@@ -549,16 +500,23 @@ def test_http_level_errors_are_tf_serving_json(server):
         got, payload, headers = _raw_http(server, data)
         assert got == status and words in payload["error"].lower(), (label, got, payload)
         assert headers.get("connection") == "close", (label, headers)
-    assert "-1 bytes" not in _raw_http(server, b"POST /v1/models/dolg:predict HTTP/1.1\r\nContent-Length: abc\r\n\r\n")[1]["error"]
+    assert (
+        "-1 bytes"
+        not in _raw_http(server, b"POST /v1/models/dolg:predict HTTP/1.1\r\nContent-Length: abc\r\n\r\n")[1]["error"]
+    )
 
 
+@integration
 def test_rest_plain_string_gets_a_b64_hint(server):
-    status, payload = server.http("POST", "/v1/models/dolg/versions/1:predict", {"instances": ["not base64 image bytes"]})
+    status, payload = server.http(
+        "POST", "/v1/models/dolg/versions/1:predict", {"instances": ["not base64 image bytes"]}
+    )
     assert status == 400 and '{"b64":' in payload["error"] and "plain JSON text" in payload["error"], payload
     # The graph's own message is kept in front of the hint.
     assert payload["error"].index("images[0]") < payload["error"].index("b64"), payload
 
 
+@integration
 def test_rest_connections_are_capped_with_503(server):
     import socket
 
@@ -580,20 +538,22 @@ def test_rest_connections_are_capped_with_503(server):
     assert status == 200, payload
 
 
+@integration
 def test_loading_is_logged_with_progress(server):
     log = server.log_all()
     for version in (1, 2):
-        assert f"loading dolg version {version} from" in log and f"dolg version {version} is available" in log, log[-2000:]
+        assert f"loading dolg version {version} from" in log and f"dolg version {version} is available" in log, log[
+            -2000:
+        ]
 
 
+@integration
 def test_label_for_an_unavailable_version_is_refused_at_start(server):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [
-        sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
+    cmd = cli_command(
         "serve", "--model-base-path", server.base, "--port", "0", "--rest-api-port", "-1", "--no-warmup",
         "--version-labels", "stable=1",  # the default policy (latest) serves version 2 (or 3) only
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=START_TIMEOUT_S)
+    )  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=START_TIMEOUT_S)
     assert done.returncode == 2, done.stderr[-2000:]
     assert (
         "Request to assign label to version 1 of model dolg, which is not currently available for inference"
@@ -615,6 +575,7 @@ def _without_root_file_access() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
 
 
+@integration
 def test_an_unreadable_version_is_named():
     import tempfile
 
@@ -625,14 +586,13 @@ def test_an_unreadable_version_is_named():
         with open(os.path.join(version, "saved_model.pb"), "wb") as f:
             f.write(b"never read")
         os.chmod(base, 0o755)
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="2")
         os.chmod(version, 0o000)
-        cmd = [
-            sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())",
-            "serve", "--model-base-path", base, "--port", "0", "--rest-api-port", "-1", "--wait-for-model-seconds", "0.5",
-        ]  # fmt: skip
+        cmd = cli_command(
+            "serve", "--model-base-path", base, "--port", "0", "--rest-api-port", "-1",
+            "--wait-for-model-seconds", "0.5",
+        )  # fmt: skip
         done = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, timeout=START_TIMEOUT_S, preexec_fn=_without_root_file_access
+            cmd, capture_output=True, text=True, timeout=START_TIMEOUT_S, preexec_fn=_without_root_file_access
         )
     finally:
         os.chmod(os.path.join(base, "1"), 0o700)
@@ -644,6 +604,7 @@ def test_an_unreadable_version_is_named():
 
 
 # --- load ---------------------------------------------------------------------------------------------
+@integration
 def test_eight_concurrent_clients_fifty_requests_each(server):
     images = [GOOD_JPEG, GOOD_PNG]
     want = {i: server.reference(1, "serving_default", images=tf.constant([im]))[0] for i, im in enumerate(images)}
@@ -659,7 +620,9 @@ def test_eight_concurrent_clients_fifty_requests_each(server):
                         server.predict.Predict(_bytes_request([images[i]], version=1), timeout=120).outputs["embedding"]
                     )[0]
                 else:
-                    status, body = server.http("POST", "/v1/models/dolg/versions/1:predict", {"instances": [_b64(images[i])]})
+                    status, body = server.http(
+                        "POST", "/v1/models/dolg/versions/1:predict", {"instances": [_b64(images[i])]}
+                    )
                     assert status == 200, body
                     got = np.asarray(body["predictions"][0], np.float32)
                 if np.abs(got - want[i]).max() > 1e-5:
@@ -678,9 +641,9 @@ def test_eight_concurrent_clients_fifty_requests_each(server):
 
 
 # --- lifecycle (these run last: they change the server) -------------------------------------------
+@integration
 def test_new_version_is_picked_up_without_restart(server):
-    keras.utils.set_random_seed(33)
-    export_saved_model(build_dolg("tiny"), server.base, version=3, **EXPORT)
+    install_version(server.next_version, server.base, 3)
     request = get_model_status_pb2.GetModelStatusRequest()
     request.model_spec.name = "dolg"
     request.model_spec.version.value = 3
@@ -699,7 +662,8 @@ def test_new_version_is_picked_up_without_restart(server):
     assert latest.model_spec.version.value == 3
     assert server.predict.Predict(_bytes_request([GOOD_JPEG], label="next"), timeout=60).model_spec.version.value == 3
     _assert_close(
-        tf.make_ndarray(latest.outputs["embedding"]), server.reference(3, "serving_default", images=tf.constant([GOOD_JPEG]))
+        tf.make_ndarray(latest.outputs["embedding"]),
+        server.reference(3, "serving_default", images=tf.constant([GOOD_JPEG])),
     )
     # A half-written directory (no saved_model.pb yet) is ignored; a corrupt version fails alone
     # (state END with its error) while the others keep serving.
@@ -721,6 +685,7 @@ def test_new_version_is_picked_up_without_restart(server):
     assert latest.model_spec.version.value == 3
 
 
+@integration
 def test_rest_edge_requests_get_json_answers(server):
     status, payload = server.http("GET", "/v1/models/dolg/versions/99999999999999999999999")
     assert status == 404 and "not found" in payload["error"].lower()  # beyond int64: no such version
@@ -734,6 +699,7 @@ def test_rest_edge_requests_get_json_answers(server):
     conn.close()
 
 
+@integration
 def test_sigterm_lets_a_rest_request_in_progress_finish(server):
     """A request whose body is still arriving when SIGTERM comes is answered, then the server exits."""
     import socket
@@ -754,6 +720,8 @@ def test_sigterm_lets_a_rest_request_in_progress_finish(server):
     payload = json.loads(response.read())
     sock.close()
     assert response.status == 200 and len(payload["predictions"]) == 1, (payload, server.log())
-    out, _ = server.proc.communicate(timeout=60)
-    assert server.proc.returncode == 0, server.log()
-    assert '"stopped": true' in out
+    assert server.proc.wait(60) == 0, server.log()
+    deadline = time.monotonic() + 10  # the launcher's reader thread reads stdout to its end
+    while '"stopped": true' not in server.process.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert '"stopped": true' in server.process.output()

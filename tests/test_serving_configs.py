@@ -25,8 +25,9 @@ SERVING = pathlib.Path(__file__).resolve().parents[1] / "serving"
 # The flags tensorflow_model_server 2.21 declares (main.cc), one name a line after a header naming the source.
 FLAG_LIST = pathlib.Path(__file__).resolve().parent / "data" / "tensorflow_model_server_2.21_flags.txt"
 REQUIRED_FLAGS = {
-    "port", "rest_api_port", "model_config_file", "enable_batching", "batching_parameters_file", "monitoring_config_file",
-    "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism", "rest_api_num_threads",
+    "port", "rest_api_port", "model_config_file", "enable_batching", "batching_parameters_file",
+    "monitoring_config_file", "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism",
+    "rest_api_num_threads",
 }  # fmt: skip
 # Value types of the flags this deployment uses, as main.cc declares them (bool / int32 / int64).
 BOOL_FLAGS = {"enable_batching", "enable_model_warmup", "allow_version_labels_for_unavailable_models"}
@@ -117,16 +118,29 @@ def test_monitoring_config(configs):
 @pytest.mark.parametrize(
     "parser, text, message",
     [
-        (parse_batching_parameters, "max_batch_size { value: 8 }\nallowed_batch_sizes: 4\nallowed_batch_sizes: 6\n", "must equal"),
-        (parse_batching_parameters, "max_batch_size { value: 8 }\nallowed_batch_sizes: 8\nallowed_batch_sizes: 4\n", "increasing"),
+        (
+            parse_batching_parameters,
+            "max_batch_size { value: 8 }\nallowed_batch_sizes: 4\nallowed_batch_sizes: 6\n",
+            "must equal",
+        ),
+        (
+            parse_batching_parameters,
+            "max_batch_size { value: 8 }\nallowed_batch_sizes: 8\nallowed_batch_sizes: 4\n",
+            "increasing",
+        ),
         (parse_batching_parameters, "max_batch_sise { value: 8 }\n", "no field named"),
         (parse_batching_parameters, "max_batch_size: 8\n", "max_batch_size"),
         (parse_monitoring_config, "prometheus_config { enable: true path: 3 }\n", "path"),
         (parse_monitoring_config, "prometheus_config { enabled: true }\n", "no field named"),
-        (parse_model_server_config, "model_config_list { config { name: 'dolg' base_path: '/m' policy: 1 } }\n", "no field"),
         (
             parse_model_server_config,
-            "model_config_list { config { name: 'dolg' base_path: '/m' model_version_policy { specific { versions: 2 } }"
+            "model_config_list { config { name: 'dolg' base_path: '/m' policy: 1 } }\n",
+            "no field",
+        ),
+        (
+            parse_model_server_config,
+            "model_config_list { config { name: 'dolg' base_path: '/m'"
+            " model_version_policy { specific { versions: 2 } }"
             " version_labels { key: 'stable' value: 1 } } }\n",
             "labels",
         ),

@@ -6,6 +6,7 @@ Used only to test the converter and the exports (no torchvision)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,7 +76,9 @@ class ResNet(nn.Module):
 class ASPP(nn.Module):
     def __init__(self, c_in=1024, c=512, c_out=1024, rates=(6, 12, 18)):
         super().__init__()
-        self.aspp = nn.ModuleList([nn.Conv2d(c_in, c, 1)] + [nn.Conv2d(c_in, c, 3, padding=r, dilation=r) for r in rates])
+        self.aspp = nn.ModuleList(
+            [nn.Conv2d(c_in, c, 1)] + [nn.Conv2d(c_in, c, 3, padding=r, dilation=r) for r in rates]
+        )
         self.im_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c_in, c, 1), nn.ReLU())
         self.conv_after = nn.Sequential(nn.Conv2d(c * (len(rates) + 2), c_out, 1), nn.ReLU())
 
@@ -190,7 +193,7 @@ def official_scaled_size(side: int, scale: float) -> int:
     return max(1, int(round(float(side) * float(scale))))
 
 
-def official_multiscale(module: OfficialDOLG, images_rgb_0_255, scales) -> "np.ndarray":
+def official_multiscale(module: OfficialDOLG, images_rgb_0_255, scales) -> np.ndarray:
     """The authors' multi-scale extraction of RGB [0,255] NHWC numpy images (one size per call).
 
     For each scale: resize the decoded pixels to ``round(h * s) x round(w * s)``
