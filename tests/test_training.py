@@ -222,7 +222,8 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     from dolg_tf.training.loop import TrainLoop
 
     out = {}
-    for name, strategy, sync in (("two", two, True), ("one", one, True), ("two_unsynced", two, False)):
+    # Steps per run: three to see the loss fall, two for the first-steps comparison, one for the first loss.
+    for name, strategy, sync, steps in (("two", two, True, 3), ("one", one, True, 2), ("two_unsynced", two, False, 1)):
         cfg = run_config("tiny", epochs=1, steps_per_epoch=4, batch_size=16, image_size=64, lr=0.01,
                          sync_batch_norm=sync, export=False, eval_demo=False, progress=False,
                          model_dir=sys.argv[1] + "/" + name)
@@ -231,7 +232,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
         start = [v.numpy() for v in state.variables]
         step, iterator = loop.make_train_step(), iter(loop.make_dataset())
         losses = []
-        for i in range(3 if sync else 1):
+        for i in range(steps):
             loss, _, _ = step(iterator)
             losses.append(float(loss))
             if i == 0:

@@ -304,7 +304,9 @@ class TrainLoop:
         replica_step = self.task.make_replica_step(self.state)
         step_counter = self.state.step
 
-        @tf.function
+        # No autograph: the step has no Python control flow on tensors, and converting every call
+        # under it (the model, the head, the optimizer, in each replica's thread) slows tracing.
+        @tf.function(autograph=False)
         def train_step(iterator):
             images, labels = next(iterator)
             loss, correct, norm = strategy.run(replica_step, args=(images, labels))
