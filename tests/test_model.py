@@ -96,6 +96,12 @@ def test_keras_save_load_safe_mode_identical(tiny, rng, tmp_path):
     assert loaded.config == tiny.config
     x = _images(rng, 2, 64, 80)
     np.testing.assert_array_equal(np.asarray(tiny(x)), np.asarray(loaded(x)))
+    # The top-level entry point loads the same file (a float32 model whatever the global policy then).
+    keras.config.set_dtype_policy("mixed_float16")
+    again = dolg_tf.load_dolg(str(path))
+    keras.config.set_dtype_policy("float32")
+    assert again.compute_dtype == "float32"
+    np.testing.assert_array_equal(np.asarray(tiny(x)), np.asarray(again(x)))
 
 
 def test_weights_file_round_trip_and_errors(tiny, rng, tmp_path):
