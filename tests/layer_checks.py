@@ -182,7 +182,7 @@ def run_layer_test(
 
     for policy in policies:
         mixed = layer_cls(**init_kwargs, dtype=policy)
-        got = mixed(feed)
+        mixed.build(_single_or_list(in_shapes))
         mixed.set_weights(weights)  # the float32 layer's weights: same function, other precision
         got = _as_list(mixed(feed))
         for var in mixed.weights:
