@@ -90,8 +90,9 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
     layers that are not folded are shared with ``model`` (not copied), the
     folded convolutions are new ``Conv2D`` layers with a bias holding the
     merged weights (a snapshot: later changes to ``model``'s weights do not
-    reach them), and each folded BN becomes a :class:`FoldedBatchNorm` (which passes its input through). Batch norms that
-    follow something else (or live inside a subclassed layer) stay as they are.
+    reach them), and each folded BN becomes a :class:`FoldedBatchNorm`
+    (which passes its input through). Batch norms that follow something
+    else (or live inside a subclassed layer) stay as they are.
 
     Args:
         model: a built functional Keras model (such as a DOLG model), in float32.
