@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-fast test-all bench docs venv clean
+.PHONY: demo test test-fast test-all bench docs lint format venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ test-fast: $(STAMP)
 
 test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -m ""
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict

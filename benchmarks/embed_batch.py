@@ -37,7 +37,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-from _common import cpu_model  # noqa: E402 (benchmarks run by path)
+from _common import cpu_model
 
 CLI = [sys.executable, "-c", "import sys; from dolg_tf.cli import main; sys.exit(main())"]
 

@@ -57,7 +57,7 @@ def _graph_flops(concrete) -> int:
                 for d in out[:-2]:
                     batch *= d
                 total += 2 * batch * out[-2] * out[-1] * k
-        for fn in graph._functions.values():  # noqa: SLF001 - nested function bodies
+        for fn in graph._functions.values():
             if fn.name not in seen:
                 seen.add(fn.name)
                 graphs.append(fn.graph)
@@ -70,23 +70,25 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", default="savedmodel,savedmodel_before,serving_default_jpeg",
-                        help="besides pytorch_reference: savedmodel, savedmodel_before, serving_default_jpeg, "
-                        "serving_default_jpeg_before (before = dilated convs lowered by Keras, batch norms not folded)")
+    parser.add_argument(
+        "--variants",
+        default="savedmodel,savedmodel_before,serving_default_jpeg",
+        help="besides pytorch_reference: savedmodel, savedmodel_before, serving_default_jpeg, "
+        "serving_default_jpeg_before (before = dilated convs lowered by Keras, batch norms not folded)",
+    )
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
     import numpy as np
     import tensorflow as tf
     import torch
+    from _common import cpu_model
 
     from dolg_tf.convert import from_official_pytorch
     from dolg_tf.export import export_saved_model
     from dolg_tf.layers import multi_atrous
     from dolg_tf.model import fold
     from tests.torch_official import OfficialDOLG, official_input, randomise_
-
-    from _common import cpu_model
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -103,8 +105,9 @@ def main() -> None:
         multi_atrous.set_fast_path(variant == "after")
         fold.set_export_folding(variant == "after")
         try:
-            path = export_saved_model(model, os.path.join(tmp, variant), scales=(1.0,), image_size=args.size,
-                                      warmup_batch_sizes=())
+            path = export_saved_model(
+                model, os.path.join(tmp, variant), scales=(1.0,), image_size=args.size, warmup_batch_sizes=()
+            )
         finally:
             multi_atrous.set_fast_path(True)
             fold.set_export_folding(True)
@@ -194,8 +197,11 @@ def main() -> None:
         row = {}
         for name in variants:
             med = statistics.median(times[(name, b)])
-            row[name] = {"median_s": round(med, 4), "images_per_s": round(b / med, 3),
-                         "all_s": [round(t, 3) for t in times[(name, b)]]}
+            row[name] = {
+                "median_s": round(med, 4),
+                "images_per_s": round(b / med, 3),
+                "all_s": [round(t, 3) for t in times[(name, b)]],
+            }
         torch_times = times[("pytorch_reference", b)]
         for name in variants:
             if name != "pytorch_reference":
@@ -215,10 +221,18 @@ def main() -> None:
         ratios = [
             f"{name}/PyTorch {r[f'ratio_{name}_over_pytorch']}x" for name in variants if name != "pytorch_reference"
         ]
-        print(f"{args.preset} {args.size}px batch {b} on {result['cpu']} ({threads} threads): " + ", ".join(parts)
-              + "; " + ", ".join(ratios)
-              + (f"; SavedModel {r['savedmodel_gflops_done']} GFLOP/s done of {result['matmul_fp32_gflops']} "
-                 f"matmul GFLOP/s" if "savedmodel" in variants else ""))
+        print(
+            f"{args.preset} {args.size}px batch {b} on {result['cpu']} ({threads} threads): "
+            + ", ".join(parts)
+            + "; "
+            + ", ".join(ratios)
+            + (
+                f"; SavedModel {r['savedmodel_gflops_done']} GFLOP/s done of {result['matmul_fp32_gflops']} "
+                f"matmul GFLOP/s"
+                if "savedmodel" in variants
+                else ""
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 
-from _common import cpu_model, rss_bytes  # noqa: E402 (benchmarks run by path)
+from _common import cpu_model, rss_bytes
 
 
 def _unit_rows(x):
@@ -89,16 +90,22 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--data", choices=("clustered", "uniform"), default="clustered")
     parser.add_argument("--kinds", default="flat,ivf,hnsw,ivfpq")
-    parser.add_argument("--nlist", type=int, default=None, help="IVF / IVF-PQ lists (default: the Index rule, 4*sqrt(n))")
+    parser.add_argument(
+        "--nlist", type=int, default=None, help="IVF / IVF-PQ lists (default: the Index rule, 4*sqrt(n))"
+    )
     parser.add_argument("--train-size", type=int, default=None, help="IVF training sample (default: min(n, 64*nlist))")
     parser.add_argument("--nprobe", default="16,32,64", help="IVF nprobe values")
     parser.add_argument("--m", type=int, default=32, help="HNSW M")
     parser.add_argument("--ef-construction", type=int, default=40)
     parser.add_argument("--ef-search", default="128,512")
     parser.add_argument("--pq-m", type=int, default=128, help="IVF-PQ 4-bit sub-quantisers (pq_m / 2 bytes per code)")
-    parser.add_argument("--factory", default=None, help="IVF-PQ faiss factory string (default: IVF{nlist},PQ{pq_m}x4fs)")
+    parser.add_argument(
+        "--factory", default=None, help="IVF-PQ faiss factory string (default: IVF{nlist},PQ{pq_m}x4fs)"
+    )
     parser.add_argument("--pq-nprobe", default="16,64", help="IVF-PQ nprobe values")
-    parser.add_argument("--rerank", default="1,4", help="IVF-PQ rerank factors (k * rerank candidates re-scored exactly)")
+    parser.add_argument(
+        "--rerank", default="1,4", help="IVF-PQ rerank factors (k * rerank candidates re-scored exactly)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads (default: faiss' own)")
     parser.add_argument("--tmpdir", default=None, help="where the IVF-PQ file is written (default: the system's)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -177,7 +184,7 @@ def main() -> None:
             nlist = index.nlist
             train_n = min(n, args.train_size or 64 * nlist)
             sample = db[np.random.default_rng(1).choice(n, train_n, replace=False)]
-            train_s, _ = timed(lambda: index.train(sample))
+            train_s, _ = timed(partial(index.train, sample))
             del sample
             entry.update(nlist=nlist, train_vectors=train_n, train_s=round(train_s, 2))
             if kind == "ivfpq":
@@ -189,17 +196,17 @@ def main() -> None:
             index = Index(args.dim, kind, m=args.m, ef_construction=args.ef_construction, normalize=False)
             entry.update(m=args.m, ef_construction=args.ef_construction)
             settings = [{"ef_search": e} for e in _ints(args.ef_search)]
-        add_s, _ = timed(lambda: index.add(db))
+        add_s, _ = timed(partial(index.add, db))
         entry["add_s"] = round(add_s, 2)
         entry["build_s"] = round(add_s + entry.get("train_s", 0.0), 2)
         entry["rss_growth_bytes"] = int(rss_bytes() - rss)
         if kind == "ivfpq":
             path = os.path.join(tmpdir, "ivfpq.dolgidx")
-            save_s, _ = timed(lambda: index.save(path))
+            save_s, _ = timed(partial(index.save, path))
             del index
             gc.collect()
             rss = rss_bytes()
-            load_s, index = timed(lambda: Index.load(path, mmap=True))
+            load_s, index = timed(partial(Index.load, path, mmap=True))
             entry.update(
                 save_s=round(save_s, 2),
                 load_mmap_s=round(load_s, 2),
@@ -214,7 +221,7 @@ def main() -> None:
             index.search(queries, k)  # warm-up
             times, exact_times, ids = [], [], None
             for _ in range(args.repeats):
-                s, (_, ids) = timed(lambda: index.search(queries, k))
+                s, (_, ids) = timed(partial(index.search, queries, k))
                 times.append(s)
                 if flat is not None:
                     exact_times.append(timed(lambda: flat.search(queries, k))[0])
@@ -244,8 +251,10 @@ def main() -> None:
     print(f"  numpy brute force: {nb:.2f} s ({q / nb:.0f} q/s)")
     if "flat" in result:
         f = result["flat"]
-        print(f"  faiss flat: {f['search_s']:.2f} s ({f['queries_per_s']:.0f} q/s, {f['speedup_vs_numpy']}x numpy), "
-              f"recall {f[f'recall@{k}']:.4f}, {f['bytes_per_vector']:.0f} B/vector")
+        print(
+            f"  faiss flat: {f['search_s']:.2f} s ({f['queries_per_s']:.0f} q/s, {f['speedup_vs_numpy']}x numpy), "
+            f"recall {f[f'recall@{k}']:.4f}, {f['bytes_per_vector']:.0f} B/vector"
+        )
     for kind in ("ivf", "hnsw", "ivfpq"):
         if kind in result:
             e = result[kind]

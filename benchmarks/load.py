@@ -31,10 +31,11 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from functools import partial
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-from _common import cpu_model, jpeg_photos, rss_bytes  # noqa: E402 (benchmarks run by path)
+from _common import cpu_model, jpeg_photos, rss_bytes
 
 
 def _rss_mb(pid: int | None) -> float | None:
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 kind = _GrpcClient if protocol == "grpc" else _RestClient
                 cell = run_cell(
-                    lambda: kind(host, ports[protocol], args.model_name, images),
+                    partial(kind, host, ports[protocol], args.model_name, images),
                     args.clients, args.requests, batch, args.max_seconds, args.timeout, pid,
                 )  # fmt: skip
                 cells.append({"protocol": protocol, **cell})

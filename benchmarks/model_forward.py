@@ -39,8 +39,10 @@ def main() -> None:
     model = build_dolg(args.preset)
     build_s = time.perf_counter() - t0
     fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    inputs = {b: tf.constant(np.random.default_rng(0).uniform(0, 255, (b, args.size, args.size, 3)), tf.float32)
-              for b in batches}
+    inputs = {
+        b: tf.constant(np.random.default_rng(0).uniform(0, 255, (b, args.size, args.size, 3)), tf.float32)
+        for b in batches
+    }
     for b in batches:  # warm-up (trace + first run)
         fn(inputs[b]).numpy()
     times: dict[int, list[float]] = {b: [] for b in batches}

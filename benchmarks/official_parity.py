@@ -59,7 +59,11 @@ def main() -> None:
                 "cosine": float((ours * reference).sum()),
             }
         )
-    print(json.dumps({"depth": args.depth, "multi_atrous": not args.no_multi_atrous, "scales": OFFICIAL_SCALES, "rows": rows}))
+    print(
+        json.dumps(
+            {"depth": args.depth, "multi_atrous": not args.no_multi_atrous, "scales": OFFICIAL_SCALES, "rows": rows}
+        )
+    )
     for row in rows:
         print(f"R{args.depth} {row['size']}: max |diff| {row['max_abs_diff']:.2e}, cosine {row['cosine']:.7f}")
 

@@ -43,7 +43,6 @@ def _export(preset: str, directory: str) -> dict:
 
 def _embed(framework: str, preset: str, width: int, height: int, saved_model: str | None) -> dict:
     import numpy as np
-
     from train_throughput import _rss_bytes, peak_rss_bytes
 
     pixels = np.random.default_rng(0).integers(0, 256, (1, height, width, 3), dtype=np.uint8)
@@ -78,8 +77,11 @@ def _train(framework: str, preset: str, size: int, batch: int, classes: int) -> 
         step = build_torch(101 if preset == "resnet101" else 50, size, batch, classes)
     ready = _rss_bytes()
     step()
-    return {"after_first_step_gb": round(ready / 2**30, 3), "peak_gb": round(peak_rss_bytes() / 2**30, 3),
-            "head_classes": int(classes)}
+    return {
+        "after_first_step_gb": round(ready / 2**30, 3),
+        "peak_gb": round(peak_rss_bytes() / 2**30, 3),
+        "head_classes": int(classes),
+    }
 
 
 def _child(*args: str) -> dict:
@@ -113,8 +115,18 @@ def main() -> int:
 
     from _common import cpu_model
 
-    common = ["--preset", args.preset, "--width", str(args.width), "--height", str(args.height),
-              "--train-size", str(args.train_size), "--train-batch", str(args.train_batch)]
+    common = [
+        "--preset",
+        args.preset,
+        "--width",
+        str(args.width),
+        "--height",
+        str(args.height),
+        "--train-size",
+        str(args.train_size),
+        "--train-batch",
+        str(args.train_batch),
+    ]
     result = {"benchmark": "peak_memory", "preset": args.preset, "cpu": cpu_model(), "threads": os.cpu_count()}
     only = set(args.only.split(","))
     if "embed" in only:
@@ -140,8 +152,10 @@ def main() -> int:
         if figure in result:
             ours, torch_ = result[figure]["ours"], result[figure]["pytorch"]
             if "peak_gb" in ours and "peak_gb" in torch_:
-                print(f"{args.preset} {figure}: peak RSS ours {ours['peak_gb']} GB, PyTorch {torch_['peak_gb']} GB "
-                      f"(ours/PyTorch {ours['peak_gb'] / torch_['peak_gb']:.2f})")
+                print(
+                    f"{args.preset} {figure}: peak RSS ours {ours['peak_gb']} GB, PyTorch {torch_['peak_gb']} GB "
+                    f"(ours/PyTorch {ours['peak_gb'] / torch_['peak_gb']:.2f})"
+                )
             else:
                 print(f"{args.preset} {figure}: failed: ours {ours.get('error')}, PyTorch {torch_.get('error')}")
     return 0

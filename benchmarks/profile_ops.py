@@ -121,12 +121,26 @@ def main() -> None:
         for variant, path in paths.items():
             results.append(dict(variant=variant, **profile(path, args.size, int(b), args.repeats)))
     shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps({"benchmark": "profile_ops", "preset": args.preset, "size": args.size, "signature": "embed_pixels",
-                      "cpu": cpu_model(), "threads": os.cpu_count(), "tf": tf.__version__, "results": results}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "profile_ops",
+                "preset": args.preset,
+                "size": args.size,
+                "signature": "embed_pixels",
+                "cpu": cpu_model(),
+                "threads": os.cpu_count(),
+                "tf": tf.__version__,
+                "results": results,
+            }
+        )
+    )
     for r in results:
-        print(f"\n{args.preset} {args.size}x{args.size} batch {r['batch']} ({r['variant']}): "
-              f"wall {r['wall_ms']} ms, op time {r['op_time_ms']} ms, "
-              f"MultiAtrous {r['multi_atrous_ms']} ms ({100 * r['multi_atrous_share']:.1f}%)")
+        print(
+            f"\n{args.preset} {args.size}x{args.size} batch {r['batch']} ({r['variant']}): "
+            f"wall {r['wall_ms']} ms, op time {r['op_time_ms']} ms, "
+            f"MultiAtrous {r['multi_atrous_ms']} ms ({100 * r['multi_atrous_share']:.1f}%)"
+        )
         print(f"| {'op':<28} | {'ms':>9} | {'share':>6} | {'count':>5} |")
         for row in r["ops"][: args.top]:
             print(f"| {row['op']:<28} | {row['ms']:>9.1f} | {100 * row['share']:>5.1f}% | {row['count']:>5} |")

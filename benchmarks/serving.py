@@ -34,7 +34,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-from _common import jpeg_photos  # noqa: E402 (benchmarks run by path)
+from _common import jpeg_photos
 
 
 def _percentile(values: list[float], q: float) -> float:

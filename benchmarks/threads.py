@@ -68,13 +68,19 @@ def main() -> int:
             f"print(export_saved_model(build_dolg({args.preset!r}), {os.path.join(tmp, 'sm')!r}, "
             f"scales=(1.0,), image_size={args.size}, warmup_batch_sizes=()))"
         )
-        path = subprocess.run([sys.executable, "-c", export], capture_output=True, text=True, check=True,
-                              cwd=ROOT).stdout.strip().splitlines()[-1]
+        path = (
+            subprocess.run([sys.executable, "-c", export], capture_output=True, text=True, check=True, cwd=ROOT)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         workers = {}
         for intra, inter in settings:
             proc = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--worker", path, str(intra), str(inter), str(args.size)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
             )
             while proc.stdout.readline().strip() != "ready":
                 if proc.poll() is not None:
@@ -93,12 +99,28 @@ def main() -> int:
                 proc.wait()
     base = statistics.median(times[settings[0]])
     rows = [
-        {"intra": i, "inter": j, "median_s": round(statistics.median(t), 4),
-         "speedup_vs_first": round(base / statistics.median(t), 3), "all_s": [round(x, 4) for x in t]}
+        {
+            "intra": i,
+            "inter": j,
+            "median_s": round(statistics.median(t), 4),
+            "speedup_vs_first": round(base / statistics.median(t), 3),
+            "all_s": [round(x, 4) for x in t],
+        }
         for (i, j), t in times.items()
     ]
-    print(json.dumps({"benchmark": "threads", "preset": args.preset, "size": args.size, "batch": 1,
-                      "cpu": cpu_model(), "cpus": os.cpu_count(), "results": rows}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "threads",
+                "preset": args.preset,
+                "size": args.size,
+                "batch": 1,
+                "cpu": cpu_model(),
+                "cpus": os.cpu_count(),
+                "results": rows,
+            }
+        )
+    )
     for r in rows:
         print(f"intra {r['intra']} inter {r['inter']}: {r['median_s']} s ({r['speedup_vs_first']}x the first setting)")
     return 0

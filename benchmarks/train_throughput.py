@@ -70,9 +70,19 @@ def build_ours(preset: str, size: int, batch: int, mixed_precision: str = "off",
     from dolg_tf.training import TrainLoop, run_config
 
     model_dir = os.path.join("/tmp", f"dolg-bench-{os.getpid()}-{int(fast_path)}")
-    config = run_config(preset, image_size=size, batch_size=batch, epochs=1, steps_per_epoch=1000,
-                        warmup_epochs=0.0, export=False, eval_demo=False, progress=False,
-                        mixed_precision=mixed_precision, model_dir=model_dir)
+    config = run_config(
+        preset,
+        image_size=size,
+        batch_size=batch,
+        epochs=1,
+        steps_per_epoch=1000,
+        warmup_epochs=0.0,
+        export=False,
+        eval_demo=False,
+        progress=False,
+        mixed_precision=mixed_precision,
+        model_dir=model_dir,
+    )
     loop = TrainLoop(config)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32))
@@ -126,7 +136,6 @@ def against_pytorch(preset: str, size: int, batch: int, repeats: int, warmup: in
     """Ours (after, before) and the PyTorch reference step, interleaved in this process."""
     import tensorflow as tf
     import torch
-
     from _common import cpu_model
 
     threads = os.cpu_count() or 1
@@ -200,8 +209,20 @@ def child(preset: str, size: int, batch: int, steps: int, warmup: int, mixed_pre
 
 
 def _run_child(args, flag: str, *values) -> dict | None:
-    cmd = [sys.executable, os.path.abspath(__file__), flag, *map(str, values), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--mixed-precision", args.mixed_precision]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        flag,
+        *map(str, values),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+        "--mixed-precision",
+        args.mixed_precision,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -225,8 +246,12 @@ def largest_batch(measured: dict, budget_bytes: float, cap: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--against-pytorch", action=argparse.BooleanOptionalAction, default=True,
-                        help="interleave ours with the PyTorch reference step (default: on)")
+    parser.add_argument(
+        "--against-pytorch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="interleave ours with the PyTorch reference step (default: on)",
+    )
     parser.add_argument("--presets", default="resnet50,resnet101", help="presets compared with PyTorch")
     parser.add_argument("--size", type=int, default=224, help="image size of the PyTorch comparison (default: 224)")
     parser.add_argument("--batch", type=int, default=8, help="batch of the PyTorch comparison (default: 8)")
@@ -234,10 +259,18 @@ def main() -> int:
     parser.add_argument("--preset", default="resnet101", help="model preset without --against-pytorch")
     parser.add_argument("--sizes", default="224,512", help="comma-separated image sizes (default: 224,512)")
     parser.add_argument("--batches", default="8", help="comma-separated batch sizes (default: 8)")
-    parser.add_argument("--largest", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure the largest power-of-two batch predicted to fit (default: on)")
-    parser.add_argument("--memory-fraction", type=float, default=0.5,
-                        help="share of the memory available at start the largest batch may use (default: 0.5)")
+    parser.add_argument(
+        "--largest",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the largest power-of-two batch predicted to fit (default: on)",
+    )
+    parser.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.5,
+        help="share of the memory available at start the largest batch may use (default: 0.5)",
+    )
     parser.add_argument("--max-batch", type=int, default=256, help="upper bound of the largest-batch search")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run (default: 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (default: 1)")
@@ -260,20 +293,26 @@ def main() -> int:
             run = _run_child(args, "--compare-child", preset, args.size, args.batch)
             if run:
                 results.append(run)
-        print(json.dumps({"benchmark": "train_throughput_vs_pytorch", "load_average_start": load_start,
-                          "results": results}))
+        print(
+            json.dumps(
+                {"benchmark": "train_throughput_vs_pytorch", "load_average_start": load_start, "results": results}
+            )
+        )
         for r in results:
             ips = r["images_per_s"]
             spread = r["ours_over_pytorch_per_repeat"]
-            print(f"{r['preset']} {r['image_size']}x{r['image_size']} batch {r['batch']} fp32 on {r['cpu']} "
-                  f"({r['threads']} threads): ours {ips['ours']} img/s, before {ips['ours_before']} img/s, "
-                  f"PyTorch {ips['pytorch']} img/s -> ours/PyTorch {r['ours_over_pytorch']}x "
-                  f"(per repeat {min(spread)}..{max(spread)}), after/before {r['ours_over_ours_before']}x")
+            print(
+                f"{r['preset']} {r['image_size']}x{r['image_size']} batch {r['batch']} fp32 on {r['cpu']} "
+                f"({r['threads']} threads): ours {ips['ours']} img/s, before {ips['ours_before']} img/s, "
+                f"PyTorch {ips['pytorch']} img/s -> ours/PyTorch {r['ours_over_pytorch']}x "
+                f"(per repeat {min(spread)}..{max(spread)}), after/before {r['ours_over_ours_before']}x"
+            )
         return 0
     budget = _available_bytes() * args.memory_fraction
     for size in (int(s) for s in args.sizes.split(",")):
-        runs = [r for r in (_run_child(args, "--child", args.preset, size, int(b)) for b in args.batches.split(","))
-                if r]
+        runs = [
+            r for r in (_run_child(args, "--child", args.preset, size, int(b)) for b in args.batches.split(",")) if r
+        ]
         results += runs
         if args.largest and runs:
             big = largest_batch(runs[0], budget, args.max_batch)
@@ -282,14 +321,25 @@ def main() -> int:
                 if run:
                     run["largest_fitting"] = True
                     results.append(run)
-    print(json.dumps({"benchmark": "train_throughput", "memory_budget_gb": round(budget / 2**30, 1),
-                      "cpu_count": os.cpu_count(), "load_average_start": load_start,
-                      "load_average_end": [round(x, 2) for x in os.getloadavg()], "results": results}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                "memory_budget_gb": round(budget / 2**30, 1),
+                "cpu_count": os.cpu_count(),
+                "load_average_start": load_start,
+                "load_average_end": [round(x, 2) for x in os.getloadavg()],
+                "results": results,
+            }
+        )
+    )
     for r in results:
         tag = " (largest predicted to fit)" if r.get("largest_fitting") else ""
-        print(f"{r['preset']} {r['image_size']}x{r['image_size']} batch {r['batch']}{tag}: "
-              f"{r['images_per_s']} images/s ({r['step_s_median']} s/step, peak {r['peak_memory_gb']} GB, "
-              f"{r['device']} x{r['replicas']})")
+        print(
+            f"{r['preset']} {r['image_size']}x{r['image_size']} batch {r['batch']}{tag}: "
+            f"{r['images_per_s']} images/s ({r['step_s_median']} s/step, peak {r['peak_memory_gb']} GB, "
+            f"{r['device']} x{r['replicas']})"
+        )
     return 0
 
 

@@ -129,10 +129,18 @@ def _target_map(model, backbone: str) -> dict[str, _Target]:
         for b in range(1, n_blocks + 1):
             prefix, ours = f"globalmodel.s{s}.b{b}", f"stack{s - 1}_block{b - 1}"
             if b == 1:
-                targets.update(_conv_bn(prefix, bb.get_layer(f"{ours}_0_conv"), bb.get_layer(f"{ours}_0_bn"), "proj", "bn"))
+                targets.update(
+                    _conv_bn(prefix, bb.get_layer(f"{ours}_0_conv"), bb.get_layer(f"{ours}_0_bn"), "proj", "bn")
+                )
             for i, letter in enumerate("abc", start=1):
                 targets.update(
-                    _conv_bn(prefix, bb.get_layer(f"{ours}_{i}_conv"), bb.get_layer(f"{ours}_{i}_bn"), f"f.{letter}", f"f.{letter}_bn")
+                    _conv_bn(
+                        prefix,
+                        bb.get_layer(f"{ours}_{i}_conv"),
+                        bb.get_layer(f"{ours}_{i}_bn"),
+                        f"f.{letter}",
+                        f"f.{letter}_bn",
+                    )
                 )
     gem = model.get_layer("gem")
     targets["pool_g.p"] = _Target(gem.p_weight, _same)
@@ -209,7 +217,10 @@ def from_official_pytorch(
     for key in sorted(values):
         target, value = targets[key], values[key]
         if tuple(value.shape) != tuple(target.variable.shape):
-            mismatched.append(f"{key}: checkpoint {tuple(state[key].shape)} -> {tuple(value.shape)}, model {tuple(target.variable.shape)}")
+            mismatched.append(
+                f"{key}: checkpoint {tuple(state[key].shape)} -> {tuple(value.shape)}, "
+                f"model {tuple(target.variable.shape)}"
+            )
     if conv1_bias is not None and conv1_bias.shape != tuple(targets["localmodel.bn.running_mean"].variable.shape):
         mismatched.append(f"localmodel.conv1.bias: checkpoint {conv1_bias.shape}")
     problems = []
@@ -220,7 +231,10 @@ def from_official_pytorch(
     if mismatched:
         problems.append(f"shape mismatches {mismatched}")
     if problems:
-        raise WeightsError(f"checkpoint {os.fspath(checkpoint_path)!r} does not match the {backbone} DOLG model: " + "; ".join(problems))
+        raise WeightsError(
+            f"checkpoint {os.fspath(checkpoint_path)!r} does not match the {backbone} DOLG model: "
+            + "; ".join(problems)
+        )
 
     for key, target in targets.items():
         value = values[key]

@@ -311,7 +311,12 @@ def save(
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
     if ids_file is not None:
-        meta = {"ids": ids, "count": len(ids), "dim": int(arr.shape[1]), **(metadata or {}),
-                "embeddings": os.path.basename(path)}
+        meta = {
+            "ids": ids,
+            "count": len(ids),
+            "dim": int(arr.shape[1]),
+            **(metadata or {}),
+            "embeddings": os.path.basename(path),
+        }
         atomic_write(ids_file, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return ids_file

@@ -185,7 +185,12 @@ def test_embed_and_evaluate_take_the_same_client_flags():
     assert client_options_from_args(evaluate) == EXPECTED
     for args in (embed, evaluate):
         assert (args.server, args.protocol, args.model_name, args.signature, args.version_label) == (
-            ":8501", "rest", "shop", "embed", "stable")
+            ":8501",
+            "rest",
+            "shop",
+            "embed",
+            "stable",
+        )
     # Without flags, both commands give the library's defaults.
     plain_embed = parser.parse_args(["embed", "x.jpg", "--out", "x.npy"])
     plain_evaluate = parser.parse_args(["evaluate", "--data", "d", "--dataset", "mine", "--server", ":8500"])
@@ -198,11 +203,15 @@ def test_embed_and_evaluate_take_the_same_client_flags():
 
 
 @pytest.mark.parametrize("command", ["embed", "evaluate"])
-@pytest.mark.parametrize("flag, value", [("--timeout", "0"), ("--deadline", "-2"), ("--retries", "-1"),
-                                         ("--wait-for-server", "soon")])
+@pytest.mark.parametrize(
+    "flag, value", [("--timeout", "0"), ("--deadline", "-2"), ("--retries", "-1"), ("--wait-for-server", "soon")]
+)
 def test_a_bad_client_flag_is_a_usage_error_in_both_commands(command, flag, value, capsys):
-    head = ["embed", "x.jpg", "--out", "x.npy"] if command == "embed" else [
-        "evaluate", "--data", "d", "--dataset", "mine", "--server", ":8500"]
+    head = (
+        ["embed", "x.jpg", "--out", "x.npy"]
+        if command == "embed"
+        else ["evaluate", "--data", "d", "--dataset", "mine", "--server", ":8500"]
+    )
     with pytest.raises(SystemExit) as info:
         dolg_main([*head, flag, value])
     assert info.value.code == 2
@@ -232,8 +241,17 @@ def test_both_commands_wait_for_a_server_as_told_then_say_so(tmp_path, capsys):
         assert 0.5 <= elapsed < 5.0, (command, elapsed)
     # A TLS flag of dolg evaluate reaches the client too: the missing CA file is named.
     missing = tmp_path / "nowhere" / "ca.pem"
-    argv = ["evaluate", "--data", str(tmp_path), "--dataset", "mine", "--server", f"127.0.0.1:{port}",
-            "--root-certificates", str(missing)]
+    argv = [
+        "evaluate",
+        "--data",
+        str(tmp_path),
+        "--dataset",
+        "mine",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--root-certificates",
+        str(missing),
+    ]
     assert dolg_main(argv) == 2
     err = capsys.readouterr().err
     assert "dolg evaluate: error:" in err and "root certificates" in err and str(missing) in err

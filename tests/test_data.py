@@ -307,8 +307,9 @@ def test_class_balanced_sampling_balances(imbalanced, layout):
     config = data.DataConfig(shuffle_buffer=16)
 
     def frequencies(balanced):
-        ds = data.train_dataset(source, batch_size=12, image_size=8, augment=False, class_balanced=balanced,
-                                config=config)
+        ds = data.train_dataset(
+            source, batch_size=12, image_size=8, augment=False, class_balanced=balanced, config=config
+        )
         labels = np.concatenate([y for _, y in _batches(ds, 60)])
         return np.bincount(labels, minlength=3) / len(labels)
 
@@ -346,8 +347,10 @@ def test_foreign_tfrecords_are_scanned_and_remapped(tmp_path):
 
 def test_to_tfrecord_cli_writes_readable_shards(layouts, tmp_path, capsys):
     out = tmp_path / "shards"
-    assert cli.main(["data", "to-tfrecord", "--data", str(layouts / "gld"), "--out", str(out), "--shards", "4",
-                     "--quiet"]) == 0
+    assert (
+        cli.main(["data", "to-tfrecord", "--data", str(layouts / "gld"), "--out", str(out), "--shards", "4", "--quiet"])
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.splitlines()[0])
     assert report["shards"] == 4 and report["num_examples"] == 6 and report["skipped"] == 0
     meta = json.loads((out / "dolg_data.json").read_text())
@@ -355,8 +358,10 @@ def test_to_tfrecord_cli_writes_readable_shards(layouts, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["dolg_data.json"] + shards
     assert sum(s["num_examples"] for s in meta["shards"]) == 6 and meta["label_map"] == {"7": 0, "12": 1, "30": 2}
     records = data.open_source(str(out))
-    keys = {tf.train.Example.FromString(r.numpy()).features.feature["image/key"].bytes_list.value[0]
-            for r in tf.data.TFRecordDataset(records.files)}
+    keys = {
+        tf.train.Example.FromString(r.numpy()).features.feature["image/key"].bytes_list.value[0]
+        for r in tf.data.TFRecordDataset(records.files)
+    }
     assert len(keys) == 6 and all(len(k) == 16 for k in keys)  # the GLDv2 ids
     reference = sorted((y, x.tobytes()) for y, x in _elements(data.open_source(str(layouts / "gld")), augment=False))
     assert sorted((y, x.tobytes()) for y, x in _elements(records, augment=False)) == reference

@@ -62,8 +62,10 @@ def test_demo_source_and_held_out_retrieval_split():
     assert len(split.gallery) == 38 and len(split.queries) == 19 and split.names == list(source.label_map)
     assert max(split.queries[0].shape[:2]) == 48
     # The plumbing: an oracle embedding (one-hot of the true label) scores 1, a constant one does not.
-    label_of = {id(im): lab for im, lab in zip(split.gallery + split.queries,
-                                               np.concatenate([split.gallery_labels, split.query_labels]))}
+    label_of = {
+        id(im): lab
+        for im, lab in zip(split.gallery + split.queries, np.concatenate([split.gallery_labels, split.query_labels]))
+    }
     identity = {}
 
     def oracle(batch):
@@ -96,8 +98,12 @@ def test_demo_end_to_end_through_a_served_export(tmp_path, capsys):
     base, work = tmp_path / "saved_models" / "dolg", tmp_path / "demo"
     assert cli.main(["export", "--preset", "tiny", "--out", str(base), "--image-size", "64", "--scales", "1"]) == 0
     capsys.readouterr()
-    assert cli.main(["demo", "--no-train", "--export-base", str(base), "--workdir", str(work),
-                     "--gallery-views", "1", "-q"]) == 0
+    assert (
+        cli.main(
+            ["demo", "--no-train", "--export-base", str(base), "--workdir", str(work), "--gallery-views", "1", "-q"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     summary = json.loads(out[0])
     assert summary["queries"] == summary["gallery"] >= 19
@@ -108,14 +114,31 @@ def test_demo_end_to_end_through_a_served_export(tmp_path, capsys):
     assert len(results) == summary["queries"] and len(results[0]["ids"]) == 5
     # The same results re-drawn with `dolg show` from the files the demo wrote.
     png = tmp_path / "again.png"
-    assert cli.main([
-        "show", "--results", summary["results_json"], "--query-root", str(work / "queries"),
-        "--gallery-root", str(work / "gallery"), "--out", str(png), "--correct-by", "parent", "-k", "3",
-    ]) == 0
+    assert (
+        cli.main(
+            [
+                "show",
+                "--results",
+                summary["results_json"],
+                "--query-root",
+                str(work / "queries"),
+                "--gallery-root",
+                str(work / "gallery"),
+                "--out",
+                str(png),
+                "--correct-by",
+                "parent",
+                "-k",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert Image.open(png).size[0] == 4 * 128 + 12 + 8
     # A wrong root is a one-line error, not a traceback.
-    assert cli.main(["show", "--results", summary["results_json"], "--query-root", str(tmp_path),
-                     "--out", str(png)]) == 2
+    assert (
+        cli.main(["show", "--results", summary["results_json"], "--query-root", str(tmp_path), "--out", str(png)]) == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     # No export at all: a clear error.
     assert cli.main(["demo", "--no-train", "--export-base", str(tmp_path / "none"), "--workdir", str(work)]) == 2

@@ -29,13 +29,13 @@ from dolg_tf.export import (
     CApiRunError,
     ExportConfig,
     audit_saved_model,
+    contract,
     export_saved_model,
     list_versions,
     op_types,
     read_export_metadata,
     run_with_c_api,
 )
-from dolg_tf.export import contract
 from dolg_tf.export.reader import read_meta_graph
 from dolg_tf.model import build_dolg, load_dolg
 from tests.images import encode, jpeg_claiming, png_claiming
@@ -177,7 +177,13 @@ def two_versions(tmp_path_factory):
     previous = os.umask(0o022)
     try:
         first = export_saved_model(
-            model, base, image_size=48, resize="fixed", scales=(1.0,), max_image_bytes=2000, max_batch_size=2,
+            model,
+            base,
+            image_size=48,
+            resize="fixed",
+            scales=(1.0,),
+            max_image_bytes=2000,
+            max_batch_size=2,
             warmup_batch_sizes=(),
         )
         second = export_saved_model(loaded, base, scales=(1.0,))
@@ -250,7 +256,9 @@ def test_signatures_as_tf_serving_sees_them(exported):
     _, _, path = exported
     out = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "saved_model_cli"), "show", "--dir", path, "--all"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     sections = {part.split("'", 1)[0]: part for part in out.split("signature_def['")[1:]}
     default = sections["serving_default"]
@@ -336,10 +344,21 @@ def test_saved_model_cli_run(exported, tmp_path, photo):
         outdir = tmp_path / signature
         out = subprocess.run(
             [
-                os.path.join(os.path.dirname(sys.executable), "saved_model_cli"), "run", "--dir", path,
-                "--tag_set", "serve", "--signature_def", signature, *feed, "--outdir", str(outdir),
+                os.path.join(os.path.dirname(sys.executable), "saved_model_cli"),
+                "run",
+                "--dir",
+                path,
+                "--tag_set",
+                "serve",
+                "--signature_def",
+                signature,
+                *feed,
+                "--outdir",
+                str(outdir),
             ],
-            capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         )
         assert out.returncode == 0, out.stderr[-2000:]
         emb = np.load(outdir / "embedding.npy")
@@ -522,7 +541,9 @@ def test_export_defaults_follow_the_model(caplog):
     assert not caplog.text
     official = export_config_for(trained, "official")
     assert (official.resize, official.scales, official.max_image_pixels) == (
-        "none", OFFICIAL_SCALES, OFFICIAL_MAX_IMAGE_PIXELS
+        "none",
+        OFFICIAL_SCALES,
+        OFFICIAL_MAX_IMAGE_PIXELS,
     )
     assert export_config_for(trained, "official", scales=(1.0,), max_image_pixels=10_000).scales == (1.0,)
     with pytest.raises(ConfigError, match="unknown export profile 'paper'"):
@@ -542,7 +563,7 @@ def test_trained_size_travels_with_the_keras_file(two_versions):
 def test_export_is_readable_by_another_user(two_versions):
     path = two_versions["second"]  # written under umask 022, warm-up file included
     assert os.path.isfile(os.path.join(path, "assets.extra", "tf_serving_warmup_requests"))
-    for folder, dirs, files in os.walk(path):
+    for folder, _dirs, files in os.walk(path):
         assert os.stat(folder).st_mode & 0o777 == 0o755, folder
         for name in files:
             assert os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o644, name

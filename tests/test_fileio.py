@@ -117,6 +117,7 @@ def test_a_replaced_file_keeps_its_mode(tmp_path):
 
 def test_a_uri_is_written_through_gfile_and_a_failed_write_keeps_the_old_object():
     import tensorflow as tf  # only here: fileio itself imports it only for URIs (checked below)
+
     target = "ram://fileio-test/runs/label_map.json"  # TensorFlow's in-memory file system: a URI, no network
     assert fileio.is_uri(target) and not fileio.is_uri("/tmp/a.json")
     assert atomic_write_json(target, {"a": [1, 2]}, indent=1) == target
@@ -136,7 +137,9 @@ def test_a_uri_is_written_through_gfile_and_a_failed_write_keeps_the_old_object(
 
 @pytest.mark.integration
 def test_local_writes_do_not_import_tensorflow(tmp_path):
-    code = ("import sys; from dolg_tf.fileio import atomic_write_json; "
-            f"atomic_write_json({str(tmp_path / 'a.json')!r}, [1]); print('tensorflow' in sys.modules)")
+    code = (
+        "import sys; from dolg_tf.fileio import atomic_write_json; "
+        f"atomic_write_json({str(tmp_path / 'a.json')!r}, [1]); print('tensorflow' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip() == "False" and (tmp_path / "a.json").read_text() == "[1]"

@@ -158,7 +158,9 @@ class TestMultiAtrous:
                 kernel = kernel[1:2, 1:2]
             return inp @ kernel[0, 0] + bias
 
-        relu = lambda a: np.maximum(a, 0)  # noqa: E731
+        def relu(a):
+            return np.maximum(a, 0)
+
         branches = [relu(dense(layer.pool_conv, v)), dense(layer.conv_1x1, v)]
         branches += [dense(c, v, centre=True) for c in layer.atrous_convs]
         expected = relu(dense(layer.project, np.concatenate(branches, axis=-1)))

@@ -131,8 +131,12 @@ def test_dtype_argument_sets_every_layer_and_leaves_the_global_policy(rng):
     assert keras.config.dtype_policy().name == before == "float32"
     assert model.dtype_policy.name == "mixed_float16" and model.compute_dtype == "float16"
     computing = {layer.name: layer.compute_dtype for layer in model.backbone.layers if layer.weights}
-    computing.update({name: model.get_layer(name).compute_dtype
-                      for name in ("local_branch", "gem", "global_fc", "fusion", "embedding_fc")})
+    computing.update(
+        {
+            name: model.get_layer(name).compute_dtype
+            for name in ("local_branch", "gem", "global_fc", "fusion", "embedding_fc")
+        }
+    )
     assert set(computing.values()) == {"float16"}, computing
     assert model.get_layer("l2_normalize").compute_dtype == "float32"
     assert {v.dtype for v in model.weights} == {"float32"}

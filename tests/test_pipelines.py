@@ -8,20 +8,18 @@ import os
 
 import keras
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-pytest.importorskip("apache_beam", reason="the [beam] extra (installed by [dev]) is not installed")
-pa = pytest.importorskip("pyarrow")
-import pyarrow.parquet as pq  # noqa: E402
-
-from dolg_tf import cli  # noqa: E402
-from dolg_tf.errors import ConfigError, DataError  # noqa: E402
-from dolg_tf.export import export_saved_model  # noqa: E402
-from dolg_tf.model import build_dolg  # noqa: E402
-from dolg_tf.pipelines import SavedModelHandler, embed_batch  # noqa: E402
-from dolg_tf.pipelines.model import ImageRejected  # noqa: E402
+from dolg_tf import cli
+from dolg_tf.errors import ConfigError, DataError
+from dolg_tf.export import export_saved_model
+from dolg_tf.model import build_dolg
+from dolg_tf.pipelines import SavedModelHandler, embed_batch
+from dolg_tf.pipelines.model import ImageRejected
 
 MAX_PIXELS = 160 * 160  # small, so that one test image is over it without allocating much
 N_GOOD = 26

@@ -438,7 +438,7 @@ def test_compose_is_hardened_and_has_a_healthcheck(configs):
 class _StatusHandler(http.server.BaseHTTPRequestHandler):
     responses: dict[str, tuple[int, dict]] = {}
 
-    def do_GET(self):  # noqa: N802 (BaseHTTPRequestHandler's name)
+    def do_GET(self):
         code, body = self.responses.get(self.path, (404, {"error": f"Could not find any versions of {self.path}"}))
         data = json.dumps(body, indent=1).encode()
         self.send_response(code)

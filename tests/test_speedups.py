@@ -185,8 +185,11 @@ def test_fold_finds_every_backbone_batch_norm_and_matches_numpy(tiny_model, rng)
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded_backbone.layers)
     assert sum(isinstance(layer, FoldedBatchNorm) for layer in folded_backbone.layers) == len(backbone_bns)
     # one folded 1x1 conv checked against numpy maths on the original layers
-    conv = next(layer for layer in tiny_model.backbone.layers
-                if isinstance(layer, keras.layers.Conv2D) and layer.kernel.shape[:2] == (1, 1) and id(layer) in pairs)
+    conv = next(
+        layer
+        for layer in tiny_model.backbone.layers
+        if isinstance(layer, keras.layers.Conv2D) and layer.kernel.shape[:2] == (1, 1) and id(layer) in pairs
+    )
     new = folded_backbone.get_layer(f"{conv.name}_folded")
     x = rng.normal(size=(1, 3, 3, conv.kernel.shape[2])).astype("float32")
     np.testing.assert_allclose(new(x).numpy(), numpy_batch_norm_of_conv(conv, pairs[id(conv)], x), atol=1e-5)

@@ -34,8 +34,14 @@ FAST = ["--image-size", "64", "--batch-size", "8", "--no-export", "--set", "eval
 
 def _env(**extra) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1",
-               TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="1", **extra)
+    env.update(
+        CUDA_VISIBLE_DEVICES="-1",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        OMP_NUM_THREADS="1",
+        TF_NUM_INTEROP_THREADS="1",
+        TF_NUM_INTRAOP_THREADS="1",
+        **extra,
+    )
     env.pop("TF_CONFIG", None)
     env.update(extra)
     return env
@@ -48,9 +54,19 @@ def _summary(stdout: str) -> dict:
 
 
 def _fast_config(tmp_path, name: str, **overrides) -> RunConfig:
-    base = dict(image_size=64, batch_size=8, epochs=2, steps_per_epoch=2, lr=0.01, warmup_epochs=1.0,
-                export=False, eval_demo=False, progress=False, checkpoint_every=0,
-                model_dir=str(tmp_path / name))
+    base = dict(
+        image_size=64,
+        batch_size=8,
+        epochs=2,
+        steps_per_epoch=2,
+        lr=0.01,
+        warmup_epochs=1.0,
+        export=False,
+        eval_demo=False,
+        progress=False,
+        checkpoint_every=0,
+        model_dir=str(tmp_path / name),
+    )
     base.update(overrides)
     return run_config("tiny", **base)
 
@@ -63,8 +79,11 @@ def test_set_overrides_sections_and_values():
     out = split_overrides(
         ["lr=0.05", "model.dilation_rates=[1,2,3]", "hue=0.1", "data.seed=3", "model_dir=runs/x"], sections
     )
-    assert out == {"train": {"lr": 0.05, "model_dir": "runs/x"}, "model": {"dilation_rates": [1, 2, 3]},
-                   "data": {"hue": 0.1, "seed": 3}}
+    assert out == {
+        "train": {"lr": 0.05, "model_dir": "runs/x"},
+        "model": {"dilation_rates": [1, 2, 3]},
+        "data": {"hue": 0.1, "seed": 3},
+    }
     assert parse_value("true") is True and parse_value("none") is None and parse_value("1e-4") == 1e-4
     with pytest.raises(ConfigError, match="ambiguous"):
         split_overrides(["seed=1"], sections)
@@ -85,8 +104,15 @@ def test_train_config_validation_and_presets():
     assert train_config("resnet101").lr == 0.01 and train_config("resnet101").warmup_epochs == 5.0
     paper = train_config("resnet50")
     assert (paper.optimizer, paper.momentum, paper.nesterov, paper.weight_decay) == ("sgd", 0.9, True, 1e-4)
-    for bad in ({"strategy": "horovod"}, {"batch_size": 0}, {"lr": -1.0}, {"head_margin": 2.0},
-                {"image_size": 16}, {"warmup_epochs": -1.0}, {"mixed_precision": "fp8"}):
+    for bad in (
+        {"strategy": "horovod"},
+        {"batch_size": 0},
+        {"lr": -1.0},
+        {"head_margin": 2.0},
+        {"image_size": 16},
+        {"warmup_epochs": -1.0},
+        {"mixed_precision": "fp8"},
+    ):
         with pytest.raises(ConfigError):
             train_config("tiny", **bad)
     with pytest.raises(ConfigError, match="unknown TrainConfig"):
@@ -102,8 +128,9 @@ def test_run_config_resolves_preset_then_overrides_once():
     from dolg_tf.data.config import DataConfig
     from dolg_tf.training.config import TRAIN_PRESETS
 
-    config = run_config("tiny", image_size=80, lr=0.05, seed=3, model_overrides={"gem_p": 4.0},
-                        data_overrides={"min_crop_area": 0.3})
+    config = run_config(
+        "tiny", image_size=80, lr=0.05, seed=3, model_overrides={"gem_p": 4.0}, data_overrides={"min_crop_area": 0.3}
+    )
     # The reference: each preset with the overrides applied field by field.
     tiny = TRAIN_PRESETS["tiny"]
     assert config.train == dataclasses.replace(tiny, image_size=80, lr=0.05, seed=3)
@@ -130,18 +157,34 @@ def test_command_line_resolves_to_the_same_run_config():
     from dolg_tf.training.cli import PARSER_KWARGS, add_train_arguments, resolve_config
 
     parser = add_train_arguments(argparse.ArgumentParser(**PARSER_KWARGS))
-    args = parser.parse_args(["--preset", "tiny", "--lr", "0.2", "--image-size", "64", "--no-export",
-                              "--set", "lr=0.3", "--set", "model.gem_p=4", "--set", "min_crop_area=0.5"])
-    assert resolve_config(args) == run_config("tiny", lr=0.3, image_size=64, export=False,
-                                              model_overrides={"gem_p": 4}, data_overrides={"min_crop_area": 0.5})
+    args = parser.parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--lr",
+            "0.2",
+            "--image-size",
+            "64",
+            "--no-export",
+            "--set",
+            "lr=0.3",
+            "--set",
+            "model.gem_p=4",
+            "--set",
+            "min_crop_area=0.5",
+        ]
+    )
+    assert resolve_config(args) == run_config(
+        "tiny", lr=0.3, image_size=64, export=False, model_overrides={"gem_p": 4}, data_overrides={"min_crop_area": 0.5}
+    )
 
 
 def test_library_arguments_are_translated_to_flags():
     from dolg_tf.training.cli import in_flag_terms
 
-    assert in_flag_terms("'runs/model_dir' already holds checkpoints: pass resume=True, or choose another "
-                         "model_dir") == ("'runs/model_dir' already holds checkpoints: pass --resume, or choose "
-                                          "another --model-dir")
+    assert in_flag_terms(
+        "'runs/model_dir' already holds checkpoints: pass resume=True, or choose another model_dir"
+    ) == ("'runs/model_dir' already holds checkpoints: pass --resume, or choose another --model-dir")
     assert in_flag_terms("set jit=False or sync_batch_norm=False") == "set --no-jit or --set sync_batch_norm=false"
     assert in_flag_terms("batch_size 6 is not divisible") == "--batch-size 6 is not divisible"
     assert in_flag_terms("end_lr (0.2) must not exceed lr (0.1)") == "end_lr (0.2) must not exceed lr (0.1)"
@@ -255,8 +298,14 @@ def _max_rel(a_path, b_path) -> float:
 
 @pytest.mark.integration
 def test_mirrored_two_replicas_match_one_replica(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                          env=_env(PYTHONPATH=ROOT), timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=_env(PYTHONPATH=ROOT),
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = _summary(proc.stdout)
     two, one, unsynced = out["two"], out["one"], out["two_unsynced"]
@@ -296,10 +345,31 @@ def test_multiworker_two_processes_end_with_identical_weights(tmp_path):
     procs = []
     for index in range(2):
         tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-        cmd = [sys.executable, TRAIN_PY, "--strategy", "multiworker", "--epochs", "1", "--steps-per-epoch", "2",
-               "--model-dir", str(tmp_path / "run"), *FAST, "--set", "progress=false"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=_env(TF_CONFIG=tf_config), cwd=str(tmp_path)))
+        cmd = [
+            sys.executable,
+            TRAIN_PY,
+            "--strategy",
+            "multiworker",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--model-dir",
+            str(tmp_path / "run"),
+            *FAST,
+            "--set",
+            "progress=false",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=_env(TF_CONFIG=tf_config),
+                cwd=str(tmp_path),
+            )
+        )
     outs = []
     for proc in procs:
         try:
@@ -314,8 +384,13 @@ def test_multiworker_two_processes_end_with_identical_weights(tmp_path):
     assert outs[0]["weights_sha256"] == outs[1]["weights_sha256"]
     # Only the chief keeps checkpoints; the other worker's scratch copy is removed.
     assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith("ckpt-2")
-    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints", "config.json", "dolg.keras", "label_map.json",
-                                                    "logs"]
+    assert sorted(os.listdir(tmp_path / "run")) == [
+        "checkpoints",
+        "config.json",
+        "dolg.keras",
+        "label_map.json",
+        "logs",
+    ]
 
 
 # --------------------------------------------------------------------------- resume, signals, errors
@@ -400,8 +475,21 @@ def test_progress_line_shows_the_epoch_average_the_summary_reports(tmp_path, cap
 @pytest.mark.integration
 def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path):
     model_dir = tmp_path / "run"
-    cmd = [sys.executable, TRAIN_PY, "--epochs", "1", "--steps-per-epoch", "500", "--model-dir", str(model_dir),
-           *FAST, "--set", "checkpoint_every=2", "--set", "progress=false"]
+    cmd = [
+        sys.executable,
+        TRAIN_PY,
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "500",
+        "--model-dir",
+        str(model_dir),
+        *FAST,
+        "--set",
+        "checkpoint_every=2",
+        "--set",
+        "progress=false",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
     try:
         deadline = time.time() + 180
@@ -426,9 +514,14 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path):
 @pytest.mark.integration
 def test_wrong_data_path_fails_before_training(tmp_path):
     model_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, TRAIN_PY, "--data", str(tmp_path / "missing"), "--model-dir",
-                           str(model_dir), *FAST], capture_output=True, text=True, env=_env(), timeout=120,
-                          cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, TRAIN_PY, "--data", str(tmp_path / "missing"), "--model-dir", str(model_dir), *FAST],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]
     assert len(errors) == 1 and "missing" in errors[0], proc.stderr[-2000:]
@@ -444,16 +537,37 @@ def test_dolg_train_and_train_py_share_flags_and_reject_bad_overrides(capsys, tm
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     dolg_train = {s for a in sub.choices["train"]._actions for s in a.option_strings}
-    train_py = {s for a in add_train_arguments(argparse.ArgumentParser(**PARSER_KWARGS))._actions
-                for s in a.option_strings}
+    train_py = {
+        s for a in add_train_arguments(argparse.ArgumentParser(**PARSER_KWARGS))._actions for s in a.option_strings
+    }
     assert dolg_train == train_py
-    for flag in ("--strategy", "--preset", "--data", "--data-format", "--image-size", "--batch-size", "--epochs",
-                 "--steps-per-epoch", "--lr", "--optimizer", "--head", "--mixed-precision", "--jit", "--model-dir",
-                 "--resume", "--no-resume", "--export", "--no-export", "--set"):
+    for flag in (
+        "--strategy",
+        "--preset",
+        "--data",
+        "--data-format",
+        "--image-size",
+        "--batch-size",
+        "--epochs",
+        "--steps-per-epoch",
+        "--lr",
+        "--optimizer",
+        "--head",
+        "--mixed-precision",
+        "--jit",
+        "--model-dir",
+        "--resume",
+        "--no-resume",
+        "--export",
+        "--no-export",
+        "--set",
+    ):
         assert flag in train_py, flag
-    for bad, words in ((["--set", "learning_rate=1"], "no config field"),
-                       (["--set", "model.gem_p=-1"], "gem_p"),
-                       (["--lr", "-0.1"], "lr")):
+    for bad, words in (
+        (["--set", "learning_rate=1"], "no config field"),
+        (["--set", "model.gem_p=-1"], "gem_p"),
+        (["--lr", "-0.1"], "lr"),
+    ):
         assert main([*bad, "--model-dir", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("train: error:") and words in err[0], err
@@ -498,8 +612,18 @@ def test_corrupt_image_is_skipped_and_counted_by_the_run(tmp_path):
             pixels = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.jpg")
     (tmp_path / "data" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    trainer = TrainLoop(_fast_config(tmp_path, "run", data=str(tmp_path / "data"), batch_size=4, epochs=1,
-                                     steps_per_epoch=3, warmup_epochs=0.0, eval_demo=True))
+    trainer = TrainLoop(
+        _fast_config(
+            tmp_path,
+            "run",
+            data=str(tmp_path / "data"),
+            batch_size=4,
+            epochs=1,
+            steps_per_epoch=3,
+            warmup_epochs=0.0,
+            eval_demo=True,
+        )
+    )
     assert trainer.source.num_classes == 2 and trainer.source.num_examples == 9
     result = train(trainer)
     assert result.step == 3 and np.isfinite(result.loss)

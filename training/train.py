@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dolg_tf.training.cli import main  # noqa: E402
+from dolg_tf.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

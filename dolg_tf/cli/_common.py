@@ -69,38 +69,58 @@ def add_client_arguments(parser: argparse.ArgumentParser, *, server_flag: bool =
     leaves ``--server`` out (a command that adds it itself, e.g. to a group).
     """
     if server_flag:
-        parser.add_argument("--server", default=None, metavar="HOST:PORT",
-                            help="TF Serving / dolg serve address (default: localhost:8500 for gRPC, "
-                                 "localhost:8501 for REST; ':8501' means localhost)")
-    parser.add_argument("--protocol", choices=("grpc", "rest"), default="grpc",
-                        help="grpc (port 8500) or rest (port 8501) (default: grpc)")
-    parser.add_argument("--model-name", default="dolg", help="served model name (default: dolg)")
+        parser.add_argument(
+            "--server",
+            default=None,
+            metavar="HOST:PORT",
+            help="TF Serving / dolg serve address (default: localhost:8500 for gRPC, "
+            "localhost:8501 for REST; ':8501' means localhost)",
+        )
     parser.add_argument(
-        "--signature", default=DEFAULT_SIGNATURE, help=f"signature name (default: {DEFAULT_SIGNATURE})"
+        "--protocol",
+        choices=("grpc", "rest"),
+        default="grpc",
+        help="grpc (port 8500) or rest (port 8501) (default: grpc)",
     )
+    parser.add_argument("--model-name", default="dolg", help="served model name (default: dolg)")
+    parser.add_argument("--signature", default=DEFAULT_SIGNATURE, help=f"signature name (default: {DEFAULT_SIGNATURE})")
     version = parser.add_mutually_exclusive_group()
     version.add_argument("--version", type=int, default=None, help="model version (default: the latest served)")
     version.add_argument("--version-label", default=None, help="model version label, e.g. stable")
     group = parser.add_argument_group("client: timeouts and retries")
-    group.add_argument("--timeout", type=positive_float, default=60.0,
-                       help="seconds per request attempt (default: 60)")
-    group.add_argument("--deadline", type=positive_float, default=120.0,
-                       help="seconds per request, retries included (default: 120)")
-    group.add_argument("--retries", type=non_negative_int, default=10,
-                       help="retries of an unavailable / timed-out request once the server has answered "
-                            "(default: 10)")
-    group.add_argument("--wait-for-server", type=non_negative_float, default=0.0, metavar="SECONDS",
-                       help="keep retrying this long while no server listens yet (default: 0, report at once)")
-    group.add_argument("--max-message-bytes", type=positive_int, default=32 << 20,
-                       help="largest request (default: 32 MiB)")
+    group.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request attempt (default: 60)")
+    group.add_argument(
+        "--deadline", type=positive_float, default=120.0, help="seconds per request, retries included (default: 120)"
+    )
+    group.add_argument(
+        "--retries",
+        type=non_negative_int,
+        default=10,
+        help="retries of an unavailable / timed-out request once the server has answered (default: 10)",
+    )
+    group.add_argument(
+        "--wait-for-server",
+        type=non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep retrying this long while no server listens yet (default: 0, report at once)",
+    )
+    group.add_argument(
+        "--max-message-bytes", type=positive_int, default=32 << 20, help="largest request (default: 32 MiB)"
+    )
     tls = parser.add_argument_group("client: TLS")
     tls.add_argument("--tls", action="store_true", help="connect with TLS (implied by the certificate flags)")
     tls.add_argument("--root-certificates", default=None, metavar="PEM", help="CA bundle (PEM) for TLS")
-    tls.add_argument("--client-certificate", default=None, metavar="PEM",
-                     help="client certificate (PEM) for mutual TLS")
+    tls.add_argument(
+        "--client-certificate", default=None, metavar="PEM", help="client certificate (PEM) for mutual TLS"
+    )
     tls.add_argument("--client-key", default=None, metavar="PEM", help="client private key (PEM) for mutual TLS")
-    tls.add_argument("--server-name", default=None, metavar="NAME",
-                     help="gRPC: name to check in the server's certificate (for an IP address or a tunnel)")
+    tls.add_argument(
+        "--server-name",
+        default=None,
+        metavar="NAME",
+        help="gRPC: name to check in the server's certificate (for an IP address or a tunnel)",
+    )
 
 
 def client_options_from_args(args: argparse.Namespace, **options):
@@ -130,8 +150,13 @@ def client_from_args(args: argparse.Namespace, *, saved_model: str | None = None
     """
     from dolg_tf.client import Client
 
-    model = dict(model_name=args.model_name, signature_name=args.signature, version=args.version,
-                 version_label=args.version_label, options=client_options_from_args(args, **options))
+    model = dict(
+        model_name=args.model_name,
+        signature_name=args.signature,
+        version=args.version,
+        version_label=args.version_label,
+        options=client_options_from_args(args, **options),
+    )
     if saved_model:
         return Client(saved_model, protocol="saved_model", **model)
     return Client(args.server, protocol=args.protocol, **model)

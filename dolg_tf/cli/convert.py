@@ -30,13 +30,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     config_path = os.path.splitext(out)[0].removesuffix(".weights") + ".config.json"
     atomic_write(config_path, lambda f: f.write(model.config.to_json().encode("utf-8")))
     print(json.dumps({"out": out, "config": config_path, **model.config.to_dict()}))
-    print(f"converted {os.path.abspath(args.checkpoint)} -> {out} ({model.config.backbone}, multi_atrous={model.config.multi_atrous})")
+    print(
+        f"converted {os.path.abspath(args.checkpoint)} -> {out} "
+        f"({model.config.backbone}, multi_atrous={model.config.multi_atrous})"
+    )
     return 0
 
 
 def register(sub) -> None:
     convert = sub.add_parser(
-        "convert", help="convert released DOLG weights to a Keras model",
+        "convert",
+        help="convert released DOLG weights to a Keras model",
         description="Converts the authors' released DOLG PyTorch weights (R50 / R101, with or without "
         "MultiAtrous, detected from the keys) into this package's Keras model: a .keras file (plus its "
         "config JSON) or a .weights.h5 file. The checkpoint is read with PyTorch's weights-only loader, "

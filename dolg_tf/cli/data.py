@@ -19,8 +19,9 @@ def _open(args: argparse.Namespace):
         if value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     if args.data is None and args.data_format is not None:
-        raise ConfigError(f"--data-format {args.data_format} needs --data PATH "
-                          "(without --data the demo photos are used)")
+        raise ConfigError(
+            f"--data-format {args.data_format} needs --data PATH (without --data the demo photos are used)"
+        )
     return open_source(args.data, args.data_format, min_class_size=args.min_class_size)
 
 
@@ -38,15 +39,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         "num_examples": source.num_examples,
         "num_classes": source.num_classes,
         "images_per_class": {
-            "min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max()),
+            "min": int(counts.min()),
+            "median": float(np.median(counts)),
+            "max": int(counts.max()),
         },
         "first_labels": dict(list(source.label_map.items())[:5]),
     }
     if args.decode:
         n = min(args.decode, source.num_examples)
         t0 = time.perf_counter()
-        ds = train_dataset(source, batch_size=1, image_size=args.image_size, augment=False, shuffle=False,
-                           repeat=False)
+        ds = train_dataset(source, batch_size=1, image_size=args.image_size, augment=False, shuffle=False, repeat=False)
         decoded = sum(1 for _ in ds.take(n))
         summary["decode"] = {
             "decoded": decoded,
@@ -58,8 +60,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         return 0
     print(source.description)
-    print(f"images per class: min {summary['images_per_class']['min']}, "
-          f"median {summary['images_per_class']['median']:g}, max {summary['images_per_class']['max']}")
+    print(
+        f"images per class: min {summary['images_per_class']['min']}, "
+        f"median {summary['images_per_class']['median']:g}, max {summary['images_per_class']['max']}"
+    )
     if args.decode:
         d = summary["decode"]
         print(f"decoded {d['decoded']} images in {d['seconds']} s; {source.skipped.summary()}")
@@ -75,30 +79,44 @@ def _cmd_to_tfrecord(args: argparse.Namespace) -> int:
 
     source = _open(args)
     if not args.overwrite and tf.io.gfile.exists(os.path.join(args.out, TFRECORD_META)):
-        raise DataError(f"--out {args.out!r} already holds TFRecords ({TFRECORD_META}); "
-                        "pass --overwrite to replace them")
+        raise DataError(
+            f"--out {args.out!r} already holds TFRecords ({TFRECORD_META}); pass --overwrite to replace them"
+        )
     t0 = time.perf_counter()
-    shards = write_tfrecords(source, args.out, num_shards=args.shards, progress=not args.quiet,
-                             overwrite=args.overwrite)
+    shards = write_tfrecords(
+        source, args.out, num_shards=args.shards, progress=not args.quiet, overwrite=args.overwrite
+    )
     seconds = time.perf_counter() - t0
     from dolg_tf.data import open_source
 
     written = open_source(args.out, "tfrecord")
-    print(json.dumps({"out": os.path.abspath(args.out), "shards": len(shards), "num_examples": written.num_examples,
-                      "num_classes": written.num_classes, "skipped": source.num_examples - written.num_examples,
-                      "seconds": round(seconds, 2)}))
-    print(f"wrote {written.num_examples} images of {written.num_classes} classes from {source.description} "
-          f"into {len(shards)} shards in {os.path.abspath(args.out)} ({seconds:.1f} s)")
+    print(
+        json.dumps(
+            {
+                "out": os.path.abspath(args.out),
+                "shards": len(shards),
+                "num_examples": written.num_examples,
+                "num_classes": written.num_classes,
+                "skipped": source.num_examples - written.num_examples,
+                "seconds": round(seconds, 2),
+            }
+        )
+    )
+    print(
+        f"wrote {written.num_examples} images of {written.num_classes} classes from {source.description} "
+        f"into {len(shards)} shards in {os.path.abspath(args.out)} ({seconds:.1f} s)"
+    )
     return 0
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None,
-                        help="path or URI of the data (default: the built-in demo photos)")
-    parser.add_argument("--data-format", default=None, choices=FORMATS[1:],
-                        help="input format (default: detected from --data)")
-    parser.add_argument("--min-class-size", type=int, default=1,
-                        help="leave out classes with fewer images (default: 1)")
+    parser.add_argument("--data", default=None, help="path or URI of the data (default: the built-in demo photos)")
+    parser.add_argument(
+        "--data-format", default=None, choices=FORMATS[1:], help="input format (default: detected from --data)"
+    )
+    parser.add_argument(
+        "--min-class-size", type=int, default=1, help="leave out classes with fewer images (default: 1)"
+    )
 
 
 def register(sub) -> None:
@@ -107,8 +125,13 @@ def register(sub) -> None:
 
     inspect = actions.add_parser("inspect", help="validate the data and print its statistics")
     _add_data_args(inspect)
-    inspect.add_argument("--decode", type=int, default=0, metavar="N",
-                         help="also decode the first N images and count the unreadable ones")
+    inspect.add_argument(
+        "--decode",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also decode the first N images and count the unreadable ones",
+    )
     inspect.add_argument("--image-size", type=int, default=224, help="crop size when decoding (default: 224)")
     inspect.add_argument("--json", action="store_true", help="print only the JSON line (no human-readable lines)")
     inspect.set_defaults(func=_cmd_inspect)

@@ -48,15 +48,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "demo", help="end to end on the built-in photos: train, export, serve, embed, index, search",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "demo",
+        help="end to end on the built-in photos: train, export, serve, embed, index, search",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--workdir", default=os.path.join("runs", "demo"), help="where views, index, results go")
     p.add_argument("--export-base", default=os.path.join("saved_models", "dolg"), help="SavedModel base path")
     p.add_argument("--no-train", action="store_true", help="serve the latest export under --export-base instead")
     p.add_argument("--steps", type=int, default=None, help="train this many steps (one epoch) instead of the preset's")
-    p.add_argument("--train-arg", action="append", default=[], metavar="ARG",
-                   help="extra argument for `dolg train` (repeatable), e.g. --train-arg=--lr=0.05")
+    p.add_argument(
+        "--train-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for `dolg train` (repeatable), e.g. --train-arg=--lr=0.05",
+    )
     p.add_argument("--gallery-views", type=int, default=2, help="gallery views per photo (default: 2)")
     p.add_argument("-k", type=int, default=5, help="results per query in the grid (default: 5)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo the training log")

@@ -79,9 +79,14 @@ def _collect(inputs: list[str], root: str | None) -> tuple[list[str], list[str],
             for path, entry, number in _list_file(arg, root):
                 origin = f"{os.path.abspath(arg)}, line {number}"
                 if not os.path.isfile(path):
-                    relative = "" if os.path.isabs(entry) else (
-                        " (relative paths are taken from --root)" if root is not None
-                        else " (relative paths are taken from the list file's folder; --root changes that)"
+                    relative = (
+                        ""
+                        if os.path.isabs(entry)
+                        else (
+                            " (relative paths are taken from --root)"
+                            if root is not None
+                            else " (relative paths are taken from the list file's folder; --root changes that)"
+                        )
                     )
                     what = "is a folder, not an image file" if os.path.isdir(path) else "does not exist"
                     raise DataError(f"{origin}: {entry!r} -> {os.path.abspath(path)} {what}{relative}")
@@ -177,8 +182,11 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="embeddings file to write (.npy, float32 (N, D))")
     p.add_argument("--ids", default=None, help="ids JSON to write (default: <out without .npy>.ids.json)")
     p.add_argument("--root", default=None, help="folder that relative paths in list files are relative to")
-    p.add_argument("--saved-model", default=None,
-                   help="embed in this process with this SavedModel (base or version dir); no server")
+    p.add_argument(
+        "--saved-model",
+        default=None,
+        help="embed in this process with this SavedModel (base or version dir); no server",
+    )
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per request (default: 8)")
     p.add_argument("--max-in-flight", type=positive_int, default=2, help="concurrent requests (default: 2)")
     add_client_arguments(p)

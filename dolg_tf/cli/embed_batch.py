@@ -68,14 +68,18 @@ def _cmd_embed_batch(args: argparse.Namespace) -> int:
     print(json.dumps(summary, sort_keys=True))
     seconds = summary["seconds"]
     done = summary["embedded"] + summary["errors"]
+    dropped = summary["duplicate_ids_dropped"]
     print(
         f"embedded {summary['embedded']} images, {summary['errors']} errors"
-        f"{', %d duplicate ids dropped' % summary['duplicate_ids_dropped'] if summary['duplicate_ids_dropped'] else ''}"
+        f"{f', {dropped} duplicate ids dropped' if dropped else ''}"
         f" ({summary['embedding_dim']}-d, {summary['model_name']} v{summary['model_version']}) with {args.runner}"
         f" in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} images/s) -> {args.out}: "
         f"{len(summary['embedding_files'])} embeddings-*.parquet, {len(summary['error_files'])} errors-*.jsonl"
-        + (f"; {summary['milvus']['rows']} rows upserted into Milvus collection {summary['milvus']['collection']!r}"
-           if "milvus" in summary else ""),
+        + (
+            f"; {summary['milvus']['rows']} rows upserted into Milvus collection {summary['milvus']['collection']!r}"
+            if "milvus" in summary
+            else ""
+        ),
         file=sys.stderr,
     )
     return 0
@@ -88,21 +92,37 @@ def register(sub) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="folders, globs, .csv files of id,path, TFRecord patterns")
-    p.add_argument("--saved-model", required=True, metavar="PATH",
-                   help="export base path (newest version) or version dir")
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="folders, globs, .csv files of id,path, TFRecord patterns"
+    )
+    p.add_argument(
+        "--saved-model", required=True, metavar="PATH", help="export base path (newest version) or version dir"
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
     p.add_argument("--runner", default="FnApiRunner", help="Beam runner (default: FnApiRunner, in-process)")
     p.add_argument("--model-name", default=None, help="model name for the metadata (default: the base path's name)")
-    p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="images per model call (default: the export's max_batch_size)")
-    p.add_argument("--rows-per-shard", type=positive_int, default=100_000,
-                   help="rows per Parquet file (default: 100000)")
-    p.add_argument("--milvus-uri", default=None, metavar="URI",
-                   help="also upsert the rows into Milvus: http://host:19530 or a Milvus Lite .db")
-    p.add_argument("--milvus-collection", default=None, metavar="NAME",
-                   help="Milvus collection (created with string ids if missing)")
-    p.add_argument("--milvus-kind", default="HNSW",
-                   help="index of a new collection: FLAT, IVF_FLAT, HNSW, IVF_PQ (default: HNSW)")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="images per model call (default: the export's max_batch_size)",
+    )
+    p.add_argument(
+        "--rows-per-shard", type=positive_int, default=100_000, help="rows per Parquet file (default: 100000)"
+    )
+    p.add_argument(
+        "--milvus-uri",
+        default=None,
+        metavar="URI",
+        help="also upsert the rows into Milvus: http://host:19530 or a Milvus Lite .db",
+    )
+    p.add_argument(
+        "--milvus-collection",
+        default=None,
+        metavar="NAME",
+        help="Milvus collection (created with string ids if missing)",
+    )
+    p.add_argument(
+        "--milvus-kind", default="HNSW", help="index of a new collection: FLAT, IVF_FLAT, HNSW, IVF_PQ (default: HNSW)"
+    )
     p.set_defaults(func=_cmd_embed_batch, pass_through=True)

@@ -91,7 +91,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             client = _client(args)
             source = (
-                f"saved_model {os.path.abspath(args.saved_model)}" if args.saved_model
+                f"saved_model {os.path.abspath(args.saved_model)}"
+                if args.saved_model
                 else f"server {client.target} ({args.protocol})"
             )
             with client:
@@ -137,28 +138,38 @@ def register(sub) -> None:
         "layout (docs/evaluation.md gives the JSON ground-truth schema). Queries are cropped "
         "to their bounding box.",
     )
-    ev.add_argument("--data", required=True, metavar="ROOT",
-                    help="folder holding <dataset>/jpg and <dataset>/gnd_<dataset>.pkl")
-    ev.add_argument("--dataset", required=True, metavar="NAME",
-                    help="roxford5k, rparis6k, or the folder name of your own revisitop-format dataset")
+    ev.add_argument(
+        "--data", required=True, metavar="ROOT", help="folder holding <dataset>/jpg and <dataset>/gnd_<dataset>.pkl"
+    )
+    ev.add_argument(
+        "--dataset",
+        required=True,
+        metavar="NAME",
+        help="roxford5k, rparis6k, or the folder name of your own revisitop-format dataset",
+    )
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a .keras DOLG model, run in-process")
-    source.add_argument("--saved-model", metavar="DIR",
-                        help="an exported SavedModel (version or base dir), run in-process")
-    source.add_argument("--server", metavar="HOST:PORT",
-                        help="a TF Serving / dolg serve address, e.g. localhost:8500 (gRPC) or, "
-                             "with --protocol rest, localhost:8501")
+    source.add_argument(
+        "--saved-model", metavar="DIR", help="an exported SavedModel (version or base dir), run in-process"
+    )
+    source.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="a TF Serving / dolg serve address, e.g. localhost:8500 (gRPC) or, with --protocol rest, localhost:8501",
+    )
     source.add_argument("--embeddings", metavar="DIR", help="DIR/queries.npy and DIR/db.npy from --save-embeddings")
     add_client_arguments(ev, server_flag=False)
     ev.add_argument("--scales", type=parse_scales, default=(0.7071, 1.0, 1.4142), help="with --model: inference scales")
     ev.add_argument("--batch-size", type=positive_int, default=8, help="images per embedding call (default: 8)")
-    ev.add_argument("--max-side", type=positive_int, default=None,
-                    help="shrink images to this longer side (default: as is)")
+    ev.add_argument(
+        "--max-side", type=positive_int, default=None, help="shrink images to this longer side (default: as is)"
+    )
     ev.add_argument("--kappas", type=parse_kappas, default=(1, 5, 10), help="k of mP@k (default: 1,5,10)")
     ev.add_argument("--qe", type=non_negative_float, default=None, metavar="ALPHA", help="alpha query expansion")
     ev.add_argument("--qe-n", type=positive_int, default=2, help="neighbours for query expansion (default: 2)")
-    ev.add_argument("--dba", type=positive_int, default=None, metavar="N",
-                    help="database-side augmentation, N neighbours")
+    ev.add_argument(
+        "--dba", type=positive_int, default=None, metavar="N", help="database-side augmentation, N neighbours"
+    )
     ev.add_argument("--dba-alpha", type=non_negative_float, default=3.0, help="DBA weight exponent (default: 3)")
     ev.add_argument("--save-embeddings", metavar="DIR", help="write DIR/queries.npy and DIR/db.npy for later runs")
     ev.add_argument("--out", help="write the metrics as JSON here")

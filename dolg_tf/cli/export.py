@@ -105,10 +105,15 @@ def register(sub) -> None:
         help="longer side (aspect) or side (fixed); default: the size the model was trained at, else 512",
     )
     p.add_argument("--resize", choices=list(RESIZE_POLICIES), default=None, help="resize policy (default: aspect)")
-    p.add_argument("--scales", type=parse_scales, default=None, help="comma-separated scales (default: 0.7071,1,1.4142)")
+    p.add_argument(
+        "--scales", type=parse_scales, default=None, help="comma-separated scales (default: 0.7071,1,1.4142)"
+    )
     p.add_argument("--max-image-bytes", type=int, default=None, help=f"default {DEFAULT_MAX_IMAGE_BYTES}")
     p.add_argument(
-        "--max-image-pixels", type=int, default=None, help=f"default {DEFAULT_MAX_IMAGE_PIXELS} (official: see --profile)"
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        help=f"default {DEFAULT_MAX_IMAGE_PIXELS} (official: see --profile)",
     )
     p.add_argument("--max-batch-size", type=int, default=None, help="default 32")
     p.add_argument("--verify", action="store_true", help="run the export through TF's C API and compare with Keras")

@@ -30,8 +30,14 @@ def _build_milvus(args: argparse.Namespace, x, ids) -> int:
     from dolg_tf.index import MilvusIndex
 
     _need(args, "milvus", "uri", "collection")
-    _refuse(args, "milvus", out=args.out is not None, dba=args.dba is not None, factory=args.factory is not None,
-            rerank=args.rerank is not None)
+    _refuse(
+        args,
+        "milvus",
+        out=args.out is not None,
+        dba=args.dba is not None,
+        factory=args.factory is not None,
+        rerank=args.rerank is not None,
+    )
     id_type = "str" if ids and isinstance(ids[0], str) else "int"
     n = x.shape[0]
     nlist = args.nlist or int(min(max(1, round(4 * math.sqrt(n))), max(1, n // 39)))
@@ -85,8 +91,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from dolg_tf.index import Index
 
     _need(args, "faiss", "out")
-    _refuse(args, "faiss", uri=args.uri is not None, collection=args.collection is not None, append=args.append,
-            replace=args.replace)
+    _refuse(
+        args,
+        "faiss",
+        uri=args.uri is not None,
+        collection=args.collection is not None,
+        append=args.append,
+        replace=args.replace,
+    )
     t0 = time.perf_counter()
     extra = {"pq_m": args.pq_m, "factory": args.factory, "rerank": args.rerank}
     index = Index(
@@ -134,8 +146,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
         from dolg_tf.index import MilvusIndex
 
         _need(args, "milvus", "uri", "collection")
-        _refuse(args, "milvus", index=args.index is not None, qe=args.qe is not None, rerank=args.rerank is not None,
-                mmap=args.mmap)
+        _refuse(
+            args,
+            "milvus",
+            index=args.index is not None,
+            qe=args.qe is not None,
+            rerank=args.rerank is not None,
+            mmap=args.mmap,
+        )
         with MilvusIndex.open(args.uri, args.collection) as index:
             if args.nprobe is not None:
                 index.nprobe = args.nprobe
@@ -191,22 +209,41 @@ def register(sub) -> None:
     build.add_argument("--embeddings", required=True, help="(N, D) float .npy file, e.g. from `dolg embed`")
     build.add_argument("--ids", default=None, help=".json list or .txt (one per line) of N unique ids (default 0..N-1)")
     build.add_argument("--backend", choices=("faiss", "milvus"), default="faiss", help="faiss file (default) or Milvus")
-    build.add_argument("--kind", choices=("flat", "ivf", "hnsw", "ivfpq"), default="flat",
-                       help="flat (exact, default), ivf, hnsw, or ivfpq (compressed; Milvus: IVF_PQ)")
+    build.add_argument(
+        "--kind",
+        choices=("flat", "ivf", "hnsw", "ivfpq"),
+        default="flat",
+        help="flat (exact, default), ivf, hnsw, or ivfpq (compressed; Milvus: IVF_PQ)",
+    )
     build.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default: 4*sqrt(N), <= N/39)")
-    build.add_argument("--nprobe", type=positive_int, default=16,
-                       help="faiss: IVF lists visited per query (default: 16)")
+    build.add_argument(
+        "--nprobe", type=positive_int, default=16, help="faiss: IVF lists visited per query (default: 16)"
+    )
     build.add_argument("--m", type=positive_int, default=32, help="HNSW graph degree M (default: 32)")
     build.add_argument("--ef-construction", type=positive_int, default=100, help="HNSW build effort (default: 100)")
     build.add_argument("--ef-search", type=positive_int, default=128, help="faiss: HNSW search effort (default: 128)")
-    build.add_argument("--pq-m", type=positive_int, default=None,
-                       help="ivfpq sub-quantisers (faiss: 4-bit, default 128; Milvus IVF_PQ: 8-bit, default 64)")
-    build.add_argument("--factory", default=None,
-                       help="faiss ivfpq: a faiss index_factory string, e.g. OPQ64,IVF65536,PQ64np")
-    build.add_argument("--rerank", type=positive_int, default=None,
-                       help="faiss ivfpq: k * RERANK candidates re-scored exactly (default: 4)")
-    build.add_argument("--dba", type=positive_int, default=None, metavar="N",
-                       help="faiss: database-side augmentation with N neighbours")
+    build.add_argument(
+        "--pq-m",
+        type=positive_int,
+        default=None,
+        help="ivfpq sub-quantisers (faiss: 4-bit, default 128; Milvus IVF_PQ: 8-bit, default 64)",
+    )
+    build.add_argument(
+        "--factory", default=None, help="faiss ivfpq: a faiss index_factory string, e.g. OPQ64,IVF65536,PQ64np"
+    )
+    build.add_argument(
+        "--rerank",
+        type=positive_int,
+        default=None,
+        help="faiss ivfpq: k * RERANK candidates re-scored exactly (default: 4)",
+    )
+    build.add_argument(
+        "--dba",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="faiss: database-side augmentation with N neighbours",
+    )
     build.add_argument("--dba-alpha", type=non_negative_float, default=3.0, help="DBA weight exponent (default: 3)")
     build.add_argument("--out", default=None, help="faiss: index file to write (atomically)")
     build.add_argument("--uri", default=None, help="milvus: http://host:19530, or a Milvus Lite file ending in .db")
@@ -218,22 +255,30 @@ def register(sub) -> None:
 
     search = isub.add_parser("search", help="search an index with query embeddings, write JSON results")
     search.add_argument("--index", default=None, help="faiss: a file written by `dolg index build`")
-    search.add_argument("--backend", choices=("faiss", "milvus"), default="faiss",
-                        help="faiss file (default) or Milvus")
+    search.add_argument(
+        "--backend", choices=("faiss", "milvus"), default="faiss", help="faiss file (default) or Milvus"
+    )
     search.add_argument("--uri", default=None, help="milvus: http://host:19530, or a Milvus Lite file ending in .db")
     search.add_argument("--collection", default=None, help="milvus: collection name")
     search.add_argument("--queries", required=True, help="(Q, D) float .npy file")
     search.add_argument("--query-ids", default=None, help=".json or .txt ids of the queries (default 0..Q-1)")
     search.add_argument("-k", type=positive_int, default=10, help="results per query (default: 10)")
-    search.add_argument("--qe", type=non_negative_float, default=None, metavar="ALPHA",
-                        help="faiss: alpha query expansion")
+    search.add_argument(
+        "--qe", type=non_negative_float, default=None, metavar="ALPHA", help="faiss: alpha query expansion"
+    )
     search.add_argument("--qe-n", type=positive_int, default=2, help="neighbours for query expansion (default: 2)")
-    search.add_argument("--nprobe", type=positive_int, default=None,
-                        help="override the IVF nprobe (faiss: saved in the index; Milvus: 16)")
-    search.add_argument("--ef-search", type=positive_int, default=None,
-                        help="override the HNSW efSearch (faiss: saved; Milvus: 128)")
+    search.add_argument(
+        "--nprobe",
+        type=positive_int,
+        default=None,
+        help="override the IVF nprobe (faiss: saved in the index; Milvus: 16)",
+    )
+    search.add_argument(
+        "--ef-search", type=positive_int, default=None, help="override the HNSW efSearch (faiss: saved; Milvus: 128)"
+    )
     search.add_argument("--rerank", type=positive_int, default=None, help="faiss ivfpq: override the re-ranking factor")
-    search.add_argument("--mmap", action="store_true",
-                        help="faiss ivfpq: leave the full vectors on disk (memory-mapped)")
+    search.add_argument(
+        "--mmap", action="store_true", help="faiss ivfpq: leave the full vectors on disk (memory-mapped)"
+    )
     search.add_argument("--out", required=True, help="JSON results file")
     search.set_defaults(func=_cmd_search)

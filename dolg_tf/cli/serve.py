@@ -140,13 +140,16 @@ def register(sub) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--model-base-path", required=True,
-                       help="directory of integer-named versions (saved_models/dolg)")
+    serve.add_argument(
+        "--model-base-path", required=True, help="directory of integer-named versions (saved_models/dolg)"
+    )
     serve.add_argument("--model-name", default="dolg", help="model name clients address (default: dolg)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, loopback only)")
     serve.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one (default: 8500)")
     serve.add_argument(
-        "--rest-api-port", type=int, default=8501,
+        "--rest-api-port",
+        type=int,
+        default=8501,
         help="REST port; 0 picks a free one, -1 disables REST (default: 8501)",
     )
     serve.add_argument(
@@ -162,13 +165,17 @@ def register(sub) -> None:
     serve.add_argument("--workers", type=int, default=16, help="gRPC worker threads (default: 16)")
     serve.add_argument("--no-warmup", action="store_true", help="do not replay assets.extra/tf_serving_warmup_requests")
     serve.add_argument(
-        "--wait-for-model-seconds", type=float, default=None,
+        "--wait-for-model-seconds",
+        type=float,
+        default=None,
         help="fail if no version loads in this time (default: wait)",
     )
-    serve.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0,
-                       help="TF intra-op threads (0: TF default)")
-    serve.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0,
-                       help="TF inter-op threads (0: TF default)")
+    serve.add_argument(
+        "--tensorflow-intra-op-parallelism", type=int, default=0, help="TF intra-op threads (0: TF default)"
+    )
+    serve.add_argument(
+        "--tensorflow-inter-op-parallelism", type=int, default=0, help="TF inter-op threads (0: TF default)"
+    )
     serve.add_argument(
         "--max_num_load_retries", "--max-num-load-retries", dest="max_num_load_retries", type=_non_negative_int,
         metavar="N", default=5,

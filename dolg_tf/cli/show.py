@@ -56,7 +56,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
             row_hits.append(Hit(_open_image(args.gallery_root, item_id, "gallery"), float(score), caption, correct))
         hits.append(row_hits)
     grid = results_grid(
-        queries, hits, cell=args.cell, query_captions=[_class_of(r["query"]) or str(r["query"]) for r in results],
+        queries,
+        hits,
+        cell=args.cell,
+        query_captions=[_class_of(r["query"]) or str(r["query"]) for r in results],
         title=args.title,
     )
     out = os.path.abspath(args.out)
@@ -74,7 +77,11 @@ def register(sub) -> None:
     p.add_argument("-k", type=int, default=5, help="results per query to draw (default: 5)")
     p.add_argument("--max-queries", type=int, default=20, help="rows to draw (default: 20)")
     p.add_argument("--cell", type=int, default=128, help="cell size in pixels (default: 128)")
-    p.add_argument("--correct-by", choices=["none", "parent"], default="none",
-                   help="'parent': a result is correct when it is in the query's sub-folder")
+    p.add_argument(
+        "--correct-by",
+        choices=["none", "parent"],
+        default="none",
+        help="'parent': a result is correct when it is in the query's sub-folder",
+    )
     p.add_argument("--title", default=None, help="a line of text at the top")
     p.set_defaults(func=_cmd_show)

@@ -233,13 +233,21 @@ class Client:
         headers = dict(options.headers) or None
         if protocol == "grpc":
             self._transport = GrpcTransport(
-                self.target, self.spec, max_message_bytes=options.max_message_bytes, tls=options.tls_options,
-                credentials=options.credentials, headers=headers,
+                self.target,
+                self.spec,
+                max_message_bytes=options.max_message_bytes,
+                tls=options.tls_options,
+                credentials=options.credentials,
+                headers=headers,
             )
         elif protocol == "rest":
             self._transport = RestTransport(
-                self.target, self.spec, max_message_bytes=options.max_message_bytes, tls=options.tls_options,
-                headers=headers, pool_size=max(4, options.max_in_flight),
+                self.target,
+                self.spec,
+                max_message_bytes=options.max_message_bytes,
+                tls=options.tls_options,
+                headers=headers,
+                pool_size=max(4, options.max_in_flight),
             )
         else:
             from dolg_tf.client.local import SavedModelTransport
@@ -360,8 +368,14 @@ class Client:
                     raise ModelNotFoundError(f"{self.spec.describe()} refused by {self.target}: {err}") from None
                 dim = check_signature(signature_map, self.spec)
                 self._info = ModelInfo(self.spec.name, version, self.spec.signature_name, dim)
-                log.info("%s at %s (%s): version %s, embedding size %s", self.spec.describe(), self.target,
-                         self.protocol, version, dim)
+                log.info(
+                    "%s at %s (%s): version %s, embedding size %s",
+                    self.spec.describe(),
+                    self.target,
+                    self.protocol,
+                    version,
+                    dim,
+                )
         return self._info
 
     def status(self) -> list[VersionStatus]:
@@ -465,8 +479,11 @@ class Client:
     def _embed_batches(self, items: Iterable[Any], bar: _Progress, limits: Limits) -> list[tuple[int, np.ndarray]]:
         encoded = ((i, prepare(item, i, limits)) for i, item in enumerate(items))
         batches = pack_requests(
-            encoded, lambda: self._batch_limit, self.max_message_bytes,
-            self._transport.item_cost, self._transport.fixed_cost(),
+            encoded,
+            lambda: self._batch_limit,
+            self.max_message_bytes,
+            self._transport.item_cost,
+            self._transport.fixed_cost(),
         )
         if self.max_in_flight == 1 and self.protocol == "saved_model":
             # In-process: nothing to overlap with, keep it on this thread.

@@ -25,7 +25,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -45,7 +45,7 @@ _MAGIC = (
     (b"BM", "BMP"),
 )
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Image.Image]
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray | Image.Image
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,7 @@ def check_encoded(data: bytes, index: int, limits: Limits) -> None:
         )
     fmt = sniff_format(data)
     if fmt is None:
-        raise InvalidImageError(
-            f"not a JPEG, PNG, GIF, BMP or WebP image (first bytes {bytes(data[:8])!r})", index
-        )
+        raise InvalidImageError(f"not a JPEG, PNG, GIF, BMP or WebP image (first bytes {bytes(data[:8])!r})", index)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below decides
@@ -152,9 +150,7 @@ def _check_pil(image: Image.Image, index: int, limits: Limits) -> None:
     _check_pixels(width, height, index, limits)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # No single right way to map 16-bit or float values to 8 bits; the caller knows their data.
-        raise InvalidImageError(
-            f"PIL image mode {image.mode!r} is not 8-bit; convert it to 'RGB' or 'L' first", index
-        )
+        raise InvalidImageError(f"PIL image mode {image.mode!r} is not 8-bit; convert it to 'RGB' or 'L' first", index)
 
 
 def _pil_pixels(image: Image.Image, index: int, limits: Limits) -> np.ndarray:

@@ -118,8 +118,17 @@ class TrainSource:
         return np.divide(self.num_examples / self.num_classes, counts, out=np.zeros_like(counts), where=counts > 0)
 
     # The two halves of the pipeline; see dolg_tf.data.pipeline.
-    def ordered(self, *, epochs: int | None, shuffle: bool, class_balanced: bool, seed: int,
-                shuffle_buffer: int, cycle_length: int, file_shard: tuple[int, int] | None = None) -> tf.data.Dataset:
+    def ordered(
+        self,
+        *,
+        epochs: int | None,
+        shuffle: bool,
+        class_balanced: bool,
+        seed: int,
+        shuffle_buffer: int,
+        cycle_length: int,
+        file_shard: tuple[int, int] | None = None,
+    ) -> tf.data.Dataset:
         """Handles of the elements of ``epochs`` epochs (None: forever), a pure function of ``seed``.
 
         ``file_shard=(W, k)`` (TFRecords only): read only the files ``i`` with ``i % W == k``.
@@ -147,8 +156,9 @@ class TrainSource:
 class IndexedSource(TrainSource):
     """A source whose examples can be addressed by index: globally shuffled every epoch."""
 
-    def __init__(self, location, keys: Sequence[str], raw_labels: Sequence[str], description_prefix: str,
-                 min_class_size: int = 1):
+    def __init__(
+        self, location, keys: Sequence[str], raw_labels: Sequence[str], description_prefix: str, min_class_size: int = 1
+    ):
         if not keys:
             raise DataError(f"{description_prefix}: no images")
         counts: dict[str, int] = {}
@@ -161,8 +171,9 @@ class IndexedSource(TrainSource):
         keep = [i for i, label in enumerate(raw_labels) if label in label_map]
         dropped = len(counts) - len(kept)
         if dropped:
-            logger.info("%s: left out %d classes with fewer than %d images",
-                        description_prefix, dropped, min_class_size)
+            logger.info(
+                "%s: left out %d classes with fewer than %d images", description_prefix, dropped, min_class_size
+            )
         self._keep = np.asarray(keep, np.int64)
         self._labels = np.asarray([label_map[raw_labels[i]] for i in keep], np.int64)
         self._keys = [keys[i] for i in keep]

@@ -69,8 +69,15 @@ class DataConfig(FrozenConfig):
         """Raises ConfigError naming the first invalid field."""
         if self.data_format is not None and self.data_format not in FORMATS:
             raise ConfigError(f"unknown data_format {self.data_format!r}; expected one of {list(FORMATS)} or None")
-        for name in ("image_size", "shuffle_buffer", "max_image_bytes", "max_image_pixels",
-                     "max_consecutive_skips", "min_class_size", "cycle_length"):
+        for name in (
+            "image_size",
+            "shuffle_buffer",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_consecutive_skips",
+            "min_class_size",
+            "cycle_length",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -86,4 +93,3 @@ class DataConfig(FrozenConfig):
                 raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
         if not 0.0 <= self.hue <= 0.5:
             raise ConfigError(f"hue must be in [0, 0.5], got {self.hue!r}")
-

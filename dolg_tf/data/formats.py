@@ -30,11 +30,20 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 class FileSource(IndexedSource):
     """Images in files: GLDv2, path/label CSV or class folders."""
 
-    def __init__(self, kind: str, location: str, paths: Sequence[str], raw_labels: Sequence[str],
-                 keys: Sequence[str] | None = None, min_class_size: int = 1, check_files: int = 16):
+    def __init__(
+        self,
+        kind: str,
+        location: str,
+        paths: Sequence[str],
+        raw_labels: Sequence[str],
+        keys: Sequence[str] | None = None,
+        min_class_size: int = 1,
+        check_files: int = 16,
+    ):
         self.kind = kind
-        super().__init__(location, list(keys if keys is not None else paths), list(raw_labels),
-                         f"{kind} {location}", min_class_size)
+        super().__init__(
+            location, list(keys if keys is not None else paths), list(raw_labels), f"{kind} {location}", min_class_size
+        )
         self._paths = [paths[i] for i in self._keep]
         _check_some_exist(self._paths, check_files, f"{kind} {location}")
 
@@ -77,8 +86,13 @@ def _check_some_exist(paths: Sequence[str], count: int, what: str) -> None:
     if len(missing) == len(sample):
         raise DataError(f"{what}: none of {len(sample)} sampled images exist (e.g. {missing[0]!r}); wrong folder?")
     if missing:
-        logger.warning("%s: %d of %d sampled images are missing (e.g. %s); they will be skipped",
-                       what, len(missing), len(sample), missing[0])
+        logger.warning(
+            "%s: %d of %d sampled images are missing (e.g. %s); they will be skipped",
+            what,
+            len(missing),
+            len(sample),
+            missing[0],
+        )
 
 
 def _read_csv(path: str) -> tuple[list[str], list[list[str]]]:
@@ -118,8 +132,15 @@ def _open_csv(path: str, min_class_size: int, check_files: int) -> FileSource:
     base = os.path.dirname(path)
     cells = _columns(path, header, rows, ("path", "label"))
     paths = [rel if os.path.isabs(rel) or "://" in rel else os.path.join(base, rel) for rel, _ in cells]
-    return FileSource("csv", path, paths, [label for _, label in cells], keys=[rel for rel, _ in cells],
-                      min_class_size=min_class_size, check_files=check_files)
+    return FileSource(
+        "csv",
+        path,
+        paths,
+        [label for _, label in cells],
+        keys=[rel for rel, _ in cells],
+        min_class_size=min_class_size,
+        check_files=check_files,
+    )
 
 
 _GLDV2_ID = re.compile(r"[0-9A-Za-z_-]{3,}")
@@ -148,8 +169,15 @@ def _open_gldv2(path: str, min_class_size: int, check_files: int, images_dir: st
         raise DataError(f"GLDv2 CSV {csv_path!r}: image id {bad!r} is not a GLDv2 id (3+ letters/digits)")
     images = images.rstrip("/")
     paths = [f"{images}/{i[0]}/{i[1]}/{i[2]}/{i}.jpg" for i, _ in pairs]  # "/" also in gs:// URIs
-    return FileSource("gldv2", csv_path, paths, [lm for _, lm in pairs], keys=[i for i, _ in pairs],
-                      min_class_size=min_class_size, check_files=check_files)
+    return FileSource(
+        "gldv2",
+        csv_path,
+        paths,
+        [lm for _, lm in pairs],
+        keys=[i for i, _ in pairs],
+        min_class_size=min_class_size,
+        check_files=check_files,
+    )
 
 
 def _open_folder(path: str, min_class_size: int, check_files: int) -> FileSource:
@@ -187,13 +215,13 @@ def detect_format(path: str) -> str:
         names = set(n.rstrip("/") for n in tf.io.gfile.listdir(path))
         if names & {"train.csv", "train_clean.csv"}:
             return "gldv2"
-        if TFRECORD_META in names or any(
-                tf.io.gfile.glob(os.path.join(path, p)) for p in TFRECORD_PATTERNS):
+        if TFRECORD_META in names or any(tf.io.gfile.glob(os.path.join(path, p)) for p in TFRECORD_PATTERNS):
             return "tfrecord"
         if any(tf.io.gfile.isdir(os.path.join(path, n)) for n in names if not n.startswith(".")):
             return "folder"
-        raise DataError(f"cannot tell the format of folder {path!r}: no train.csv, TFRecords or class "
-                        "sub-folders; pass data_format")
+        raise DataError(
+            f"cannot tell the format of folder {path!r}: no train.csv, TFRecords or class sub-folders; pass data_format"
+        )
     lower = path.lower()
     if lower.endswith(".csv"):
         header, _ = _read_csv(path)
@@ -203,8 +231,15 @@ def detect_format(path: str) -> str:
     raise DataError(f"cannot tell the format of {path!r} from its name; pass data_format, one of {list(FORMATS[1:])}")
 
 
-def open_source(data: str | None = None, data_format: str | None = None, *, check_files: int = 16,
-                images_dir: str | None = None, config: DataConfig | None = None, **overrides) -> TrainSource:
+def open_source(
+    data: str | None = None,
+    data_format: str | None = None,
+    *,
+    check_files: int = 16,
+    images_dir: str | None = None,
+    config: DataConfig | None = None,
+    **overrides,
+) -> TrainSource:
     """Opens and validates training data, cheaply, before any training starts.
 
     Args:

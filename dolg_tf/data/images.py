@@ -147,8 +147,9 @@ def element_seeds(seed: int, position: tf.Tensor, count: int) -> tf.Tensor:
     return tf.random.experimental.stateless_split(base, count)
 
 
-def crop_box(height: tf.Tensor, width: tf.Tensor, min_area: float,
-             seeds: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def crop_box(
+    height: tf.Tensor, width: tf.Tensor, min_area: float, seeds: tf.Tensor | None
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """``(top, left, side)`` of an aspect-preserving (square in pixels) crop.
 
     With ``seeds`` (shape ``(3, 2)``) the crop covers a random fraction of the image area in
@@ -225,8 +226,9 @@ def _seeds(seed: int, position: tf.Tensor, training: bool) -> tf.Tensor | None:
     return element_seeds(seed, position, 8) if training else None
 
 
-def augment(image: tf.Tensor, position: tf.Tensor, config: DataConfig, size: int, seed: int,
-            training: bool) -> tf.Tensor:
+def augment(
+    image: tf.Tensor, position: tf.Tensor, config: DataConfig, size: int, seed: int, training: bool
+) -> tf.Tensor:
     """Crop, resize, flip and colour-jitter one decoded uint8 image; float32 ``(size, size, 3)`` in [0, 255].
 
     ``training=False``: the centred largest square, resized, nothing random.
@@ -237,8 +239,9 @@ def augment(image: tf.Tensor, position: tf.Tensor, config: DataConfig, size: int
     return _finish(image[top : top + side, left : left + side], size, config, seeds)
 
 
-def decode_augment(data: tf.Tensor, position: tf.Tensor, config: DataConfig, size: int, seed: int,
-                   training: bool) -> tuple[tf.Tensor, tf.Tensor]:
+def decode_augment(
+    data: tf.Tensor, position: tf.Tensor, config: DataConfig, size: int, seed: int, training: bool
+) -> tuple[tf.Tensor, tf.Tensor]:
     """:func:`check_encoded`, then decode only the crop and :func:`augment` it.
 
     JPEGs decode just the crop window, DCT-downscaled when it is at least twice ``size``;
@@ -263,6 +266,7 @@ def decode_augment(data: tf.Tensor, position: tf.Tensor, config: DataConfig, siz
 
     out = tf.case(
         [(tf.not_equal(status, OK), lambda: tf.zeros([size, size, 3])), (tf.equal(fmt, _JPEG), jpeg)],
-        default=other, exclusive=False,
+        default=other,
+        exclusive=False,
     )
     return status, tf.ensure_shape(out, [size, size, 3])

@@ -96,13 +96,21 @@ def train_dataset(
         raise ConfigError(f"start_batch must be a non-negative integer, got {start_batch!r}")
     pipelines = input_context.num_input_pipelines if input_context is not None else 1
     if not repeat and source.num_examples < batch_size * pipelines:
-        raise DataError(f"{source.description}: one epoch has fewer images than one batch "
-                        f"({batch_size} x {pipelines} pipeline(s)); use repeat=True or a smaller batch")
+        raise DataError(
+            f"{source.description}: one epoch has fewer images than one batch "
+            f"({batch_size} x {pipelines} pipeline(s)); use repeat=True or a smaller batch"
+        )
 
     by_file = pipelines > 1 and config.shard_files
-    ds = source.ordered(epochs=None if repeat else 1, shuffle=shuffle, class_balanced=class_balanced, seed=seed,
-                        shuffle_buffer=config.shuffle_buffer, cycle_length=config.cycle_length,
-                        file_shard=(pipelines, input_context.input_pipeline_id) if by_file else None).enumerate()
+    ds = source.ordered(
+        epochs=None if repeat else 1,
+        shuffle=shuffle,
+        class_balanced=class_balanced,
+        seed=seed,
+        shuffle_buffer=config.shuffle_buffer,
+        cycle_length=config.cycle_length,
+        file_shard=(pipelines, input_context.input_pipeline_id) if by_file else None,
+    ).enumerate()
     if by_file:
         # Interleave the pipelines' positions so that no two elements share augmentation seeds.
         ds = ds.map(_no_autograph(lambda p, handle: (p * pipelines + input_context.input_pipeline_id, handle)))
@@ -126,8 +134,10 @@ def train_dataset(
             if source.encoded:
                 status, image = decode_augment(payload, position, config, image_size, seed, augment)
             else:
-                status, image = tf.constant(OK, tf.int32), augment_image(payload, position, config, image_size,
-                                                                          seed, augment)
+                status, image = (
+                    tf.constant(OK, tf.int32),
+                    augment_image(payload, position, config, image_size, seed, augment),
+                )
             return status, image, label, key
 
         def marker():
@@ -201,19 +211,26 @@ _ITERATOR = 2**40
 
 
 def _stuck(limit: int) -> str:
-    return (f"{limit} images in a row were unreadable or out of bounds; the data looks broken "
-            f"(see the 'skipped' warnings; DataConfig.max_consecutive_skips)")
+    return (
+        f"{limit} images in a row were unreadable or out of bounds; the data looks broken "
+        f"(see the 'skipped' warnings; DataConfig.max_consecutive_skips)"
+    )
 
 
-def _skip_counter(source: TrainSource, config: DataConfig, progress: tf.lookup.experimental.MutableHashTable,
-                  in_flight: tf.lookup.experimental.MutableHashTable):
+def _skip_counter(
+    source: TrainSource,
+    config: DataConfig,
+    progress: tf.lookup.experimental.MutableHashTable,
+    in_flight: tf.lookup.experimental.MutableHashTable,
+):
     """The scan step that counts skips (python only on a skip) and stops on endless ones."""
     counter = source.skipped
     limit = config.max_consecutive_skips
 
     def record(status, key, lost):
-        counter.record(int(status), key.numpy().decode("utf-8", "replace"),
-                       [k.decode("utf-8", "replace") for k in lost.numpy()])
+        counter.record(
+            int(status), key.numpy().decode("utf-8", "replace"), [k.decode("utf-8", "replace") for k in lost.numpy()]
+        )
         return np.int64(0)
 
     @_no_autograph
@@ -224,13 +241,17 @@ def _skip_counter(source: TrainSource, config: DataConfig, progress: tf.lookup.e
         gap = sequence - last - 1
         bad = gap + tf.cast(status > OK, tf.int64)  # the markers (END, STUCK) are negative
         lost = tf.range(last + 1, sequence)  # dropped by ignore_errors: read or decode errors
-        noted = tf.cond(bad > 0, lambda: tf.py_function(record, [status, key, in_flight.lookup(lost)], tf.int64),
-                        lambda: tf.constant(0, tf.int64))
+        noted = tf.cond(
+            bad > 0,
+            lambda: tf.py_function(record, [status, key, in_flight.lookup(lost)], tf.int64),
+            lambda: tf.constant(0, tf.int64),
+        )
         with tf.control_dependencies([noted]):
             forget = in_flight.remove(tf.range(last + 1, sequence + 1))
         run = tf.where(tf.equal(status, OK), tf.constant(0, tf.int64), run + bad) + noted
         check = tf.debugging.Assert(
-            tf.logical_and(run < limit, tf.not_equal(status, STUCK)), [tf.constant(_stuck(limit))])
+            tf.logical_and(run < limit, tf.not_equal(status, STUCK)), [tf.constant(_stuck(limit))]
+        )
         publish = progress.insert(tf.reshape(sequence // _ITERATOR, [1]), tf.reshape(sequence, [1]))
         with tf.control_dependencies([check, publish, forget]):
             status = tf.identity(status)

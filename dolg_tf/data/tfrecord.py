@@ -52,8 +52,14 @@ class TFRecordSource(TrainSource):
 
     kind = "tfrecord"
 
-    def __init__(self, location: str, files: list[str], label_map: dict[str, int], class_counts: np.ndarray,
-                 remap: dict[int, int] | None = None):
+    def __init__(
+        self,
+        location: str,
+        files: list[str],
+        label_map: dict[str, int],
+        class_counts: np.ndarray,
+        remap: dict[int, int] | None = None,
+    ):
         self._files = files
         self._remap = remap
         desc = f"tfrecord {location}: {int(np.sum(class_counts))} images, {len(label_map)} classes, {len(files)} shards"
@@ -90,8 +96,10 @@ class TFRecordSource(TrainSource):
         if file_shard is not None:
             pipelines, index = file_shard
             if len(self._files) < pipelines:
-                raise DataError(f"{self.description}: shard_files needs at least one file per input pipeline "
-                                f"({pipelines}); write more shards (dolg data to-tfrecord --shards N)")
+                raise DataError(
+                    f"{self.description}: shard_files needs at least one file per input pipeline "
+                    f"({pipelines}); write more shards (dolg data to-tfrecord --shards N)"
+                )
             files = files[index::pipelines]
             # Each pipeline its own random streams: its files differ anyway.
             seed = int(np.random.SeedSequence([seed, pipelines, index]).generate_state(1)[0] >> 1)
@@ -105,17 +113,25 @@ class TFRecordSource(TrainSource):
             if shuffle:
                 permutation = seeded_permutation(tf.size(files, tf.int64), epoch_seed(seed, TAG_FILES, epoch))
                 order = tf.gather(files, permutation)
-            ds = tf.data.Dataset.from_tensor_slices(order).interleave(
-                tf.data.TFRecordDataset, cycle_length=cycle, block_length=1,
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
-            ).map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            ds = (
+                tf.data.Dataset.from_tensor_slices(order)
+                .interleave(
+                    tf.data.TFRecordDataset,
+                    cycle_length=cycle,
+                    block_length=1,
+                    num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=True,
+                )
+                .map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            )
             if class_balanced:
                 balance_seed = epoch_seed(seed, TAG_BALANCE, epoch)
 
                 @no_autograph
                 def repeat(i, element):
                     u = tf.random.stateless_uniform(
-                        [], tf.random.experimental.stateless_fold_in(balance_seed, i), dtype=tf.float64)
+                        [], tf.random.experimental.stateless_fold_in(balance_seed, i), dtype=tf.float64
+                    )
                     times = tf.cast(tf.floor(tf.gather(factors, element[1]) + u), tf.int64)
                     return tf.data.Dataset.from_tensors(element).repeat(times)
 
@@ -127,8 +143,9 @@ class TFRecordSource(TrainSource):
 
                 @no_autograph
                 def permute(w, window):
-                    perm = seeded_permutation(tf.shape(window[1], tf.int64)[0],
-                                              tf.random.experimental.stateless_fold_in(window_seed, w))
+                    perm = seeded_permutation(
+                        tf.shape(window[1], tf.int64)[0], tf.random.experimental.stateless_fold_in(window_seed, w)
+                    )
                     return tf.data.Dataset.from_tensor_slices(tuple(tf.gather(t, perm) for t in window))
 
                 ds = ds.batch(shuffle_buffer).enumerate().flat_map(permute)
@@ -202,10 +219,14 @@ def open_tfrecord(path: str) -> TFRecordSource:
     # Foreign shards: one pass over the labels only (no image decoding) to count and remap them.
     spec = {FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64)}
     try:
-        raw = np.concatenate([
-            b.numpy() for b in tf.data.TFRecordDataset(files).batch(4096).map(
-                lambda r: tf.io.parse_example(r, spec)[FEATURE_LABEL], num_parallel_calls=tf.data.AUTOTUNE)
-        ])
+        raw = np.concatenate(
+            [
+                b.numpy()
+                for b in tf.data.TFRecordDataset(files)
+                .batch(4096)
+                .map(lambda r: tf.io.parse_example(r, spec)[FEATURE_LABEL], num_parallel_calls=tf.data.AUTOTUNE)
+            ]
+        )
     except tf.errors.OpError as err:
         raise DataError(f"cannot read the labels of {path!r}: {err.message}") from err
     unique, counts = np.unique(raw, return_counts=True)
@@ -224,8 +245,15 @@ def make_example(image: bytes, label: int, key: str = "") -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def write_tfrecords(source: TrainSource, out_dir: str, num_shards: int = 8, progress: bool = True, *,
-                    overwrite: bool = False, max_image_bytes: int = DataConfig.max_image_bytes) -> list[str]:
+def write_tfrecords(
+    source: TrainSource,
+    out_dir: str,
+    num_shards: int = 8,
+    progress: bool = True,
+    *,
+    overwrite: bool = False,
+    max_image_bytes: int = DataConfig.max_image_bytes,
+) -> list[str]:
     """Writes every example of ``source`` into ``num_shards`` TFRecord files.
 
     Examples go to the shards in source order, split into contiguous runs (training

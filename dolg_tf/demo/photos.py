@@ -100,9 +100,7 @@ def synthetic_view(image: np.ndarray, rng: np.random.Generator, size: int = 128)
     return np.clip(view * colour, 0, 255).astype(np.uint8)
 
 
-def demo_views(
-    views_per_photo: int, seed: int, size: int = 128
-) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+def demo_views(views_per_photo: int, seed: int, size: int = 128) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     """Views of every demo photo.
 
     Returns:
@@ -130,8 +128,9 @@ class RetrievalSplit:
     names: list[str]
 
 
-def demo_retrieval_split(image_size: int = 224, gallery_views: int = 2, query_views: int = 1,
-                         seed: int = 0) -> RetrievalSplit:
+def demo_retrieval_split(
+    image_size: int = 224, gallery_views: int = 2, query_views: int = 1, seed: int = 0
+) -> RetrievalSplit:
     """Views of the demo photos for evaluating a model trained on :class:`dolg_tf.demo.source.DemoSource`.
 
     The views are made with numpy (:func:`demo_views`: crop with aspect

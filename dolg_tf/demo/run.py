@@ -82,6 +82,7 @@ def run_training(train_args: Sequence[str], echo: bool = True) -> dict[str, Any]
 
 def write_views(split, root: str) -> tuple[list[str], list[str]]:
     """Writes the demo gallery / query views as PNGs; returns their ids (paths relative to the roots)."""
+
     def write(images, labels, folder):
         ids, counters = [], {}
         for image, label in zip(images, labels):
@@ -114,9 +115,15 @@ def run_demo(
     t0 = time.perf_counter()
     if train:
         training = run_training(
-            ["--strategy", "mirrored", "--model-dir", os.path.join(workdir, "train"),
-             "--set", f"export_dir={export_base}",
-             *train_args],
+            [
+                "--strategy",
+                "mirrored",
+                "--model-dir",
+                os.path.join(workdir, "train"),
+                "--set",
+                f"export_dir={export_base}",
+                *train_args,
+            ],
             echo=echo,
         )
         export_dir = training.get("export_dir")
@@ -157,8 +164,12 @@ def run_demo(
     )
     hits = [
         [
-            Hit(split.gallery[position[str(x)]], float(s), str(x).split("/")[0],
-                split.gallery_labels[position[str(x)]] == split.query_labels[q])
+            Hit(
+                split.gallery[position[str(x)]],
+                float(s),
+                str(x).split("/")[0],
+                split.gallery_labels[position[str(x)]] == split.query_labels[q],
+            )
             for x, s in zip(row[:k], srow[:k])
         ]
         for q, (row, srow) in enumerate(zip(ids, scores))
@@ -168,8 +179,7 @@ def run_demo(
         f"mAP {metrics['mAP']:.3f}, recall@1 {metrics['recall@1']:.3f} (green: same photo)"
     )
     grid_png = save_png(
-        results_grid(split.queries, hits, cell=112, query_captions=[q.split("/")[0] for q in query_ids],
-                     title=title),
+        results_grid(split.queries, hits, cell=112, query_captions=[q.split("/")[0] for q in query_ids], title=title),
         os.path.join(workdir, "results.png"),
     )
     return DemoResult(
@@ -183,6 +193,7 @@ def run_demo(
         seconds=seconds,
         training=(
             {key: training[key] for key in ("step", "loss", "accuracy", "images_per_s", "model_dir")}
-            if training else None
+            if training
+            else None
         ),
     )

@@ -92,8 +92,20 @@ def _load_library() -> ctypes.CDLL:
         "TF_StringInit": ([p], None),
         "TF_StringCopy": ([p, ctypes.c_char_p, sz], None),
         "TF_SessionRun": (
-            [p, p, ctypes.POINTER(_Output), ctypes.POINTER(p), i, ctypes.POINTER(_Output), ctypes.POINTER(p), i,
-             p, i, p, p],
+            [
+                p,
+                p,
+                ctypes.POINTER(_Output),
+                ctypes.POINTER(p),
+                i,
+                ctypes.POINTER(_Output),
+                ctypes.POINTER(p),
+                i,
+                p,
+                i,
+                p,
+                p,
+            ],
             None,
         ),
     }

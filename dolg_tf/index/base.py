@@ -24,7 +24,10 @@ from dolg_tf.fileio import atomic_write_json
 
 @runtime_checkable
 class SearchIndex(Protocol):
-    """The search contract of every backend (faiss :class:`~dolg_tf.index.Index`, :class:`~dolg_tf.index.MilvusIndex`)."""
+    """The search contract of every backend.
+
+    Implemented by faiss (:class:`~dolg_tf.index.Index`) and Milvus (:class:`~dolg_tf.index.MilvusIndex`).
+    """
 
     dim: int
 
@@ -136,7 +139,9 @@ def write_search_results(
     return atomic_write_json(path, payload)
 
 
-def brute_force_search(queries: np.ndarray, database: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def brute_force_search(
+    queries: np.ndarray, database: np.ndarray, k: int, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner-product search in numpy: chunked matmul + ``argpartition``.
 
     The numpy baseline of ``benchmarks/index.py``. Equal scores at the k-th

@@ -98,7 +98,9 @@ def alpha_query_expansion(
             f"neighbour_vectors must be (Q, n, D) for queries {queries.shape}, got {neighbour_vectors.shape}"
         )
     if np.shape(neighbour_scores) != neighbour_vectors.shape[:2]:
-        raise InputShapeError(f"neighbour_scores must be {neighbour_vectors.shape[:2]}, got {np.shape(neighbour_scores)}")
+        raise InputShapeError(
+            f"neighbour_scores must be {neighbour_vectors.shape[:2]}, got {np.shape(neighbour_scores)}"
+        )
     return _expand(queries, neighbour_vectors, neighbour_scores, alpha)
 
 
@@ -129,7 +131,9 @@ def database_side_augmentation(
             f"got {positions.shape} and {np.shape(neighbour_scores)}"
         )
     if positions.size and positions.max() >= vectors.shape[0]:
-        raise InputShapeError(f"neighbour position {int(positions.max())} is out of range for {vectors.shape[0]} vectors")
+        raise InputShapeError(
+            f"neighbour position {int(positions.max())} is out of range for {vectors.shape[0]} vectors"
+        )
     scores = np.asarray(neighbour_scores, np.float32).copy()
     scores[(positions == np.arange(vectors.shape[0])[:, None]) | (positions < 0)] = -np.inf  # weight 0
     safe = np.where(positions < 0, 0, positions)
@@ -138,7 +142,6 @@ def database_side_augmentation(
         rows = slice(start, start + _CHUNK)
         out[rows] = _expand(vectors[rows], vectors[safe[rows]], scores[rows], alpha)
     return out
-
 
 
 class Index:
@@ -420,7 +423,8 @@ class Index:
         if self.ntotal:
             if new_ids.dtype.kind != self._ids.dtype.kind:
                 raise DataError(
-                    f"ids must all be of one type: the index has {'integer' if self._ids.dtype.kind == 'i' else 'string'} ids"
+                    f"ids must all be of one type: the index has "
+                    f"{'integer' if self._ids.dtype.kind == 'i' else 'string'} ids"
                 )
             clash = np.isin(new_ids, self._ids)
             if clash.any():
@@ -430,7 +434,9 @@ class Index:
         self._faiss.add(x)
         if self.kind == "ivfpq":
             if self.is_memory_mapped:
-                logger.warning("adding to a memory-mapped IVF-PQ index copies its %d exact vectors into RAM", self.ntotal)
+                logger.warning(
+                    "adding to a memory-mapped IVF-PQ index copies its %d exact vectors into RAM", self.ntotal
+                )
             if self.ntotal:
                 self._vectors = np.concatenate([self._vectors, x])
             else:  # own the rows without a second copy when normalising already made one
@@ -655,7 +661,9 @@ class Index:
             raise IndexFileError(f"{path!r} is not a dolg_tf index file (bad magic or too short)")
         _, header_len = _PREFIX.unpack(prefix)
         if header_len > min(_MAX_HEADER, size - _PREFIX.size - _DIGEST):
-            raise IndexFileError(f"{path!r}: header length {header_len} is impossible; the file is truncated or corrupt")
+            raise IndexFileError(
+                f"{path!r}: header length {header_len} is impossible; the file is truncated or corrupt"
+            )
         try:
             header = json.loads(f.read(header_len).decode("utf-8"))
             if not isinstance(header, dict):
@@ -705,7 +713,9 @@ class Index:
                 f.seek(vectors_at)
                 vectors = np.fromfile(f, dtype="<f4", count=ntotal * index.dim).reshape(ntotal, index.dim)
             if mmap and index.kind != "ivfpq":
-                logger.warning("%r: a %r index has no separate vector section to memory-map; loaded whole", path, index.kind)
+                logger.warning(
+                    "%r: a %r index has no separate vector section to memory-map; loaded whole", path, index.kind
+                )
             f.seek(vectors_at + vector_len)
             id_bytes = f.read(id_len)
             if header["id_type"] == "int64":
@@ -729,7 +739,10 @@ class Index:
 
 
 def _read_faiss_section(f: io.BufferedReader, length: int) -> faiss.Index:
-    """faiss' serialisation of ``length`` bytes at the file's position, read through a bounded callback (no copy of the whole)."""
+    """faiss' serialisation of ``length`` bytes at the file's position.
+
+    Read through a bounded callback (no copy of the whole).
+    """
     remaining = [length]
 
     def read(n: int) -> bytes:

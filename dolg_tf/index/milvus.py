@@ -36,6 +36,7 @@ pymilvus is imported on first use, so importing :mod:`dolg_tf.index` stays light
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -45,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from dolg_tf.errors import ConfigError, DataError, IndexFileError, InputShapeError
+from dolg_tf.errors import ConfigError, DataError, IndexFileError
 from dolg_tf.index.base import _as_matrix, _check_ids, _positive_int, l2_normalize_rows
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def _wait_for_lite_background(uri: str, collection: str, timeout: float = 300.0)
         entry = server_manager_instance._servers.get(os.path.abspath(uri))
         if entry is not None:
             entry[1].get_collection(collection)._wait_for_bg(timeout=timeout)
-    except Exception as err:  # noqa: BLE001 - an optional wait on another package's internals
+    except Exception as err:
         logger.debug("could not wait for Milvus Lite's background index build: %s", err)
 
 
@@ -165,7 +166,9 @@ class MilvusIndex:
     @staticmethod
     def _connect(uri: Any, token: str | None, timeout: float) -> Any:
         if not isinstance(uri, str) or not uri:
-            raise ConfigError(f"uri must be http(s)://host:port of a Milvus server or a path ending in .db, got {uri!r}")
+            raise ConfigError(
+                f"uri must be http(s)://host:port of a Milvus server or a path ending in .db, got {uri!r}"
+            )
         if not _is_lite(uri) and not uri.startswith(("http://", "https://", "tcp://", "unix:")):
             raise ConfigError(
                 f"uri {uri!r} is neither a Milvus server address (http://host:19530) "
@@ -176,9 +179,11 @@ class MilvusIndex:
             if not os.path.isdir(parent):
                 raise ConfigError(f"cannot create Milvus Lite database {uri!r}: folder {parent!r} does not exist")
             try:
-                import milvus_lite  # noqa: F401
+                importlib.import_module("milvus_lite")
             except ImportError as err:
-                raise ConfigError(f"{uri!r} is a Milvus Lite database, which needs milvus-lite: pip install 'dolg-tf[milvus]'") from err
+                raise ConfigError(
+                    f"{uri!r} is a Milvus Lite database, which needs milvus-lite: pip install 'dolg-tf[milvus]'"
+                ) from err
         pymilvus = _milvus()
         try:
             client = pymilvus.MilvusClient(uri=uri, token=token or "", timeout=timeout)
@@ -269,10 +274,13 @@ class MilvusIndex:
         try:
             if client.has_collection(collection):
                 raise ConfigError(
-                    f"Milvus collection {collection!r} already exists at {uri!r}: open it to add to it, or drop it first"
+                    f"Milvus collection {collection!r} already exists at {uri!r}: "
+                    "open it to add to it, or drop it first"
                 )
             DataType = pymilvus.DataType
-            schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="dolg_tf embeddings")
+            schema = pymilvus.MilvusClient.create_schema(
+                auto_id=False, enable_dynamic_field=False, description="dolg_tf embeddings"
+            )
             if id_type == "int":
                 schema.add_field(ID_FIELD, DataType.INT64, is_primary=True)
             else:
@@ -280,7 +288,9 @@ class MilvusIndex:
             schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
             index_params = client.prepare_index_params()
             # Nested: Milvus Lite ignores index parameters passed flat (servers read both forms).
-            index_params.add_index(field_name=VECTOR_FIELD, index_type=kind, metric_type="IP", params={"params": params})
+            index_params.add_index(
+                field_name=VECTOR_FIELD, index_type=kind, metric_type="IP", params={"params": params}
+            )
             client.create_collection(collection, schema=schema, consistency_level="Strong")
             # sync=False: waiting for the build asks for a timestamp, which Milvus Lite does not implement
             # (its server logs a traceback); a server builds the index as segments are flushed anyway.
@@ -348,7 +358,8 @@ class MilvusIndex:
             ):
                 raise IndexFileError(
                     f"Milvus collection {collection!r} at {uri!r} was not made by dolg_tf: it needs a primary key "
-                    f"{ID_FIELD!r} (INT64 or VARCHAR) and a FLOAT_VECTOR field {VECTOR_FIELD!r}, it has {sorted(fields)}"
+                    f"{ID_FIELD!r} (INT64 or VARCHAR) and a FLOAT_VECTOR field {VECTOR_FIELD!r}, "
+                    f"it has {sorted(fields)}"
                 )
             described = client.describe_index(collection, VECTOR_FIELD) or {}
             client.load_collection(collection)
@@ -400,7 +411,9 @@ class MilvusIndex:
         try:
             return fn(*args, **kwargs)
         except pymilvus.exceptions.MilvusException as err:
-            raise DataError(f"Milvus could not {what} in collection {self.collection!r} at {self.uri!r}: {_message(err)}") from err
+            raise DataError(
+                f"Milvus could not {what} in collection {self.collection!r} at {self.uri!r}: {_message(err)}"
+            ) from err
 
     def count(self) -> int:
         """Number of vectors in the collection (deleted ones excluded)."""
@@ -447,7 +460,10 @@ class MilvusIndex:
         if ids.size == 0:
             return
         if (ids.dtype.kind == "i") != (self.id_type == "int"):
-            raise DataError(f"ids must all be of one type: the collection has {'integer' if self.id_type == 'int' else 'string'} ids")
+            raise DataError(
+                f"ids must all be of one type: the collection has "
+                f"{'integer' if self.id_type == 'int' else 'string'} ids"
+            )
 
     def _id_filter(self, ids: list[Any]) -> str:
         """``id in [...]`` for Milvus' expression parser; string ids as escaped double-quoted literals."""
@@ -496,7 +512,10 @@ class MilvusIndex:
             limit = self._max_id_length()
             too_long = [s for s in new_ids.tolist() if len(s.encode("utf-8")) > limit]
             if too_long:
-                raise DataError(f"string id {too_long[0]!r} is longer than the collection's {limit} bytes (longest: {longest} chars)")
+                raise DataError(
+                    f"string id {too_long[0]!r} is longer than the collection's {limit} bytes "
+                    f"(longest: {longest} chars)"
+                )
         present = self._existing(new_ids)
         if present:
             raise DataError(f"id {present[0]!r} is already in Milvus collection {self.collection!r}")
@@ -565,7 +584,11 @@ class MilvusIndex:
         elif self.kind == "HNSW":
             params["ef"] = max(self._ef_search, k)  # Milvus requires ef >= k
         scores = np.full((q.shape[0], k), -np.inf, np.float32)
-        ids = np.full((q.shape[0], k), -1, np.int64) if self.id_type == "int" else np.full((q.shape[0], k), "", dtype=object)
+        ids = (
+            np.full((q.shape[0], k), -1, np.int64)
+            if self.id_type == "int"
+            else np.full((q.shape[0], k), "", dtype=object)
+        )
         for start in range(0, q.shape[0], _QUERY_BATCH):
             hits = self._call(
                 "search",

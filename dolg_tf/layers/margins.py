@@ -50,9 +50,11 @@ class _MarginHead(keras.layers.Layer):
         self._num_centers = int(num_centers)
 
     def build(self, input_shape):
-        emb_shape = input_shape[0] if isinstance(input_shape, (list, tuple)) and isinstance(
-            input_shape[0], (list, tuple)
-        ) else input_shape
+        emb_shape = (
+            input_shape[0]
+            if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple))
+            else input_shape
+        )
         dim = emb_shape[-1]
         if dim is None:
             raise InputShapeError(f"{type(self).__name__} needs a known embedding size, got shape {emb_shape}")
@@ -171,7 +173,12 @@ class CurricularFace(_MarginHead):
     def build(self, input_shape):
         super().build(input_shape)
         self.t = self.add_weight(
-            name="t", shape=(), initializer="zeros", trainable=False, dtype="float32", aggregation="mean",
+            name="t",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            dtype="float32",
+            aggregation="mean",
             autocast=False,  # read as float32 under a mixed policy too: it is updated with float32 cosines
         )
 
@@ -251,7 +258,9 @@ class SubCenterArcFace(_MarginHead):
         hybrid-swin-transformers", 2021.
     """
 
-    def __init__(self, num_classes: int, k: int = 3, margins: float | Sequence[float] = 0.3, scale: float = 30.0, **kwargs):
+    def __init__(
+        self, num_classes: int, k: int = 3, margins: float | Sequence[float] = 0.3, scale: float = 30.0, **kwargs
+    ):
         if int(k) < 1:
             raise ConfigError(f"k must be >= 1, got {k}")
         super().__init__(num_classes, scale, num_centers=int(k), **kwargs)

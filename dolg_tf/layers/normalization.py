@@ -9,6 +9,7 @@ from keras import ops
 
 from dolg_tf.errors import ConfigError
 
+
 def l2_normalize(x, axis: int = -1, epsilon: float = 1e-12):
     """``x / sqrt(max(sum(x^2), epsilon))`` along ``axis`` (a zero vector stays zero)."""
     return x / ops.sqrt(ops.maximum(ops.sum(ops.square(x), axis=axis, keepdims=True), epsilon))

@@ -106,9 +106,9 @@ class DOLG(keras.Model):
             name="local_branch",
             dtype=policy,
         )(res4)
-        pooled = GeM(
-            p=config.gem_p, eps=config.gem_eps, trainable_p=config.gem_trainable, name="gem", dtype=policy
-        )(res5)
+        pooled = GeM(p=config.gem_p, eps=config.gem_eps, trainable_p=config.gem_trainable, name="gem", dtype=policy)(
+            res5
+        )
         global_features = keras.layers.Dense(config.feature_dim, name="global_fc", dtype=policy)(pooled)
         fused = OrthogonalFusion(epsilon=config.fusion_epsilon, name="fusion", dtype=policy)([local, global_features])
         descriptor = keras.layers.Dense(config.embedding_dim, name="embedding_fc", dtype=policy)(fused)

@@ -44,8 +44,9 @@ def multiscale_embed(
 
     Each image batch is resized (bilinear, no antialiasing, like OpenCV's
     ``resize`` used by the official evaluation) by every factor in
-    ``scales``, each side to :func:`scaled_size` (the authors' rounding); each scale's descriptor is L2-normalised, the descriptors are
-    averaged and the average is L2-normalised again. Sizes are computed at run
+    ``scales``, each side to :func:`scaled_size` (the authors' rounding); each
+    scale's descriptor is L2-normalised, the descriptors are averaged and the
+    average is L2-normalised again. Sizes are computed at run
     time, so this works inside a ``tf.function`` with unknown H and W (it is
     used inside the exported SavedModel).
 

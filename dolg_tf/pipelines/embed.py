@@ -41,7 +41,10 @@ ERROR_ROWS_PER_SHARD = 1_000_000
 
 
 class ToRows(beam.DoFn):
-    """``((id, path), PredictionResult)`` -> ``(id, float32 bytes)``, or a dead letter if the model refused the image."""
+    """``((id, path), PredictionResult)`` -> ``(id, float32 bytes)``.
+
+    Or a dead letter if the model refused the image.
+    """
 
     def __init__(self, dim: int):
         self._dim = dim
@@ -49,7 +52,9 @@ class ToRows(beam.DoFn):
     def process(self, element):
         (key, path), result = element
         if isinstance(result.inference, ImageRejected):
-            yield beam.pvalue.TaggedOutput(sources.DEAD, {"id": key, "path": path, "error": f"the model refused it: {result.inference}"})
+            yield beam.pvalue.TaggedOutput(
+                sources.DEAD, {"id": key, "path": path, "error": f"the model refused it: {result.inference}"}
+            )
             return
         vector = np.asarray(result.inference, dtype=np.float32)
         if vector.shape != (self._dim,):
@@ -115,7 +120,9 @@ def check_out_dir(out: str) -> None:
     if "://" in out:
         existing = FileSystems.match([sinks.join(out.rstrip("/"), "*")])[0].metadata_list
         if existing:
-            raise DataError(f"--out {out!r} already holds files; give a new folder (runs never overwrite or mix outputs)")
+            raise DataError(
+                f"--out {out!r} already holds files; give a new folder (runs never overwrite or mix outputs)"
+            )
         return
     if os.path.exists(out):
         if not os.path.isdir(out):
@@ -145,12 +152,9 @@ def build_pipeline(
     that the rows are also upserted into.
     """
     records, dead = sources.read_inputs(pipeline, specs, info.max_image_bytes)
-    checked = (
-        sources.pcoll_list(pipeline, records, "AllRecords")
-        | "Validate" >> beam.ParDo(sources.ValidateImage(info.max_image_bytes, info.max_image_pixels)).with_outputs(
-            sources.DEAD, main="ok"
-        )
-    )
+    checked = sources.pcoll_list(pipeline, records, "AllRecords") | "Validate" >> beam.ParDo(
+        sources.ValidateImage(info.max_image_bytes, info.max_image_pixels)
+    ).with_outputs(sources.DEAD, main="ok")
     dead.append(checked[sources.DEAD])
     handler = KeyedModelHandler(SavedModelHandler(info.directory, info.signature_name, batch_size))
     rows = (
@@ -172,10 +176,13 @@ def build_pipeline(
     )
     written = [
         grouped
-        | "WriteParquet" >> beam.ParDo(sinks.WriteEmbeddingShard(out, info.embedding_dim, metadata, rows_per_shard), n_rows)
+        | "WriteParquet"
+        >> beam.ParDo(sinks.WriteEmbeddingShard(out, info.embedding_dim, metadata, rows_per_shard), n_rows)
     ]
     if milvus is not None:
-        written.append(grouped | "WriteMilvus" >> beam.ParDo(sinks.WriteMilvusShard(milvus["uri"], milvus["collection"])))
+        written.append(
+            grouped | "WriteMilvus" >> beam.ParDo(sinks.WriteMilvusShard(milvus["uri"], milvus["collection"]))
+        )
     written_errors = (
         errors
         | "ShardErrors" >> beam.ParDo(sinks.KeyByShard(ERROR_ROWS_PER_SHARD), n_errors)
@@ -240,7 +247,9 @@ def embed_batch(
     if batch_size is None:
         batch_size = info.max_batch_size
     if not 1 <= batch_size <= info.max_batch_size:
-        raise ConfigError(f"--batch-size must be in [1, {info.max_batch_size}] (the export's max_batch_size), got {batch_size}")
+        raise ConfigError(
+            f"--batch-size must be in [1, {info.max_batch_size}] (the export's max_batch_size), got {batch_size}"
+        )
     if rows_per_shard < 1:
         raise ConfigError(f"--rows-per-shard must be a positive integer, got {rows_per_shard}")
     try:

@@ -100,7 +100,7 @@ def csv_has_header(path: str) -> bool:
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             first = f.readline(_MAX_CSV_LINE).decode("utf-8-sig", errors="replace")
-    except (OSError, IOError) as err:
+    except OSError as err:
         raise DataError(f"cannot read the CSV {path!r}: {err}") from None
     row = next(csv.reader([first]), [])
     return [c.strip().lower() for c in row] == ["id", "path"]
@@ -127,7 +127,7 @@ class FolderRefs(beam.DoFn):
     def process(self, meta):
         base = self._spec.base.rstrip("/") + "/"
         path = meta.path
-        rel = path[len(base):] if path.startswith(base) else path
+        rel = path[len(base) :] if path.startswith(base) else path
         rel = rel.replace("\\", "/")
         if rel.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(rel):
             yield self._spec.id_prefix + rel, path
@@ -221,7 +221,9 @@ class ParseTFRecord(beam.DoFn):
         try:
             example = example_pb2.Example.FromString(record)
         except Exception as err:  # protobuf's DecodeError
-            yield beam.pvalue.TaggedOutput(DEAD, {"id": fallback, "path": filename, "error": f"not a tf.train.Example: {err}"})
+            yield beam.pvalue.TaggedOutput(
+                DEAD, {"id": fallback, "path": filename, "error": f"not a tf.train.Example: {err}"}
+            )
             return
         feature = example.features.feature
         keys = feature[FEATURE_KEY].bytes_list.value if FEATURE_KEY in feature else []
@@ -229,7 +231,12 @@ class ParseTFRecord(beam.DoFn):
         images = feature[FEATURE_IMAGE].bytes_list.value if FEATURE_IMAGE in feature else []
         if len(images) != 1:
             yield beam.pvalue.TaggedOutput(
-                DEAD, {"id": key, "path": filename, "error": f"the record has {len(images)} {FEATURE_IMAGE} values, expected 1"}
+                DEAD,
+                {
+                    "id": key,
+                    "path": filename,
+                    "error": f"the record has {len(images)} {FEATURE_IMAGE} values, expected 1",
+                },
             )
             return
         yield key, filename, images[0]

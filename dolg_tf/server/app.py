@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from dolg_tf.errors import ServingError
 from dolg_tf.server.grpc_server import start_grpc_server
-from dolg_tf.server.preflight import check_port_number
 from dolg_tf.server.models import DEFAULT_LOAD_RETRIES, DEFAULT_LOAD_RETRY_INTERVAL_S, ModelManager, VersionPolicy
+from dolg_tf.server.preflight import check_port_number
 from dolg_tf.server.rest import start_rest_server
 
 logger = logging.getLogger(__name__)

@@ -38,10 +38,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, manager: ModelManager):
         self.manager = manager
 
-    def Predict(self, request, context):  # noqa: N802  (gRPC method name)
+    def Predict(self, request, context):
         return _call(predict, self.manager, request, context)
 
-    def GetModelMetadata(self, request, context):  # noqa: N802
+    def GetModelMetadata(self, request, context):
         return _call(model_metadata, self.manager, request, context)
 
 
@@ -51,7 +51,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, manager: ModelManager):
         self.manager = manager
 
-    def GetModelStatus(self, request, context):  # noqa: N802
+    def GetModelStatus(self, request, context):
         return _call(model_status, self.manager, request, context)
 
 

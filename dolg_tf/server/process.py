@@ -72,9 +72,17 @@ class ServerProcess:
         try:
             self.proc = subprocess.Popen(
                 cli_command(
-                    *(["-v"] if self.verbose else []), "serve", "--model-base-path", self.base_path,
-                    "--model-name", self.model_name, "--port", str(self.ports[0]),
-                    "--rest-api-port", str(self.ports[1]), *self.extra,
+                    *(["-v"] if self.verbose else []),
+                    "serve",
+                    "--model-base-path",
+                    self.base_path,
+                    "--model-name",
+                    self.model_name,
+                    "--port",
+                    str(self.ports[0]),
+                    "--rest-api-port",
+                    str(self.ports[1]),
+                    *self.extra,
                 ),  # fmt: skip
                 stdout=subprocess.PIPE,
                 stderr=stderr,

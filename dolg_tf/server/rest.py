@@ -28,8 +28,8 @@ import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
 
@@ -74,7 +74,7 @@ def _string_leaves(value: Any, where: str) -> Any:
             return base64.b64decode(value["b64"], validate=True)
         except (binascii.Error, ValueError) as err:
             raise invalid_argument(f"{where}: unable to base64 decode: {err}") from None
-    raise invalid_argument(f"{where}: expected a string or a {{\"b64\": ...}} object, got {json.dumps(value)[:80]}")
+    raise invalid_argument(f'{where}: expected a string or a {{"b64": ...}} object, got {json.dumps(value)[:80]}')
 
 
 def _dense_shape(value: Any, where: str) -> list[int]:
@@ -402,26 +402,26 @@ class _Handler(BaseHTTPRequestHandler):
         # waits for the client's delayed ACK (~40 ms per request on Linux).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def do_GET(self):  # noqa: N802  (http.server naming)
+    def do_GET(self):
         self._serve("GET")
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         self._serve("POST")
 
     # Other verbs get TF Serving's "Malformed request" (400) as JSON, not http.server's HTML 501.
-    def do_PUT(self):  # noqa: N802
+    def do_PUT(self):
         self._serve("PUT")
 
-    def do_DELETE(self):  # noqa: N802
+    def do_DELETE(self):
         self._serve("DELETE")
 
-    def do_PATCH(self):  # noqa: N802
+    def do_PATCH(self):
         self._serve("PATCH")
 
-    def do_HEAD(self):  # noqa: N802
+    def do_HEAD(self):
         self._serve("HEAD")
 
-    def do_OPTIONS(self):  # noqa: N802
+    def do_OPTIONS(self):
         self._serve("OPTIONS")
 
     def send_error(self, code, message=None, explain=None):
@@ -554,7 +554,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def log_message(self, format, *args):  # noqa: A002  (http.server's signature)
+    def log_message(self, format, *args):
         logger.debug("%s " + format, self.address_string(), *args)
 
 
@@ -665,7 +665,9 @@ class _Server(ThreadingHTTPServer):
             else:
                 refusal = None
                 thread = threading.Thread(
-                    target=self.process_request_thread, args=(request, client_address), name="dolg-rest-conn",
+                    target=self.process_request_thread,
+                    args=(request, client_address),
+                    name="dolg-rest-conn",
                     daemon=True,
                 )
                 self._connections[request] = thread

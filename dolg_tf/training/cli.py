@@ -30,8 +30,22 @@ from dolg_tf.training.config import (
 
 # Flag name -> TrainConfig field, for the flags that override the preset only when given.
 _FLAG_FIELDS = (
-    "strategy", "data", "data_format", "image_size", "batch_size", "epochs", "steps_per_epoch", "lr",
-    "optimizer", "head", "mixed_precision", "jit", "model_dir", "resume", "export", "seed",
+    "strategy",
+    "data",
+    "data_format",
+    "image_size",
+    "batch_size",
+    "epochs",
+    "steps_per_epoch",
+    "lr",
+    "optimizer",
+    "head",
+    "mixed_precision",
+    "jit",
+    "model_dir",
+    "resume",
+    "export",
+    "seed",
 )
 # Flags that take --name / --no-name (argparse.BooleanOptionalAction).
 _BOOLEAN_FLAGS = ("jit", "resume", "export")
@@ -61,47 +75,86 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Adds the training flags to ``parser`` (used by both entry points)."""
     presets = sorted(TRAIN_PRESETS)
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    parser.add_argument("--strategy", choices=STRATEGIES, default=None,
-                        help="tf.distribute strategy: mirrored = all local GPUs (one CPU device when there is "
-                             "none), multiworker = MultiWorkerMirroredStrategy from TF_CONFIG, tpu (untested), "
-                             "one_device (default: mirrored)")
-    parser.add_argument("--preset", choices=presets, default="tiny",
-                        help="model + recipe preset: tiny (CPU demo recipe) or resnet50/resnet101 (the paper's "
-                             "recipe: 512px, SGD 0.01, 100 epochs) (default: tiny)")
-    parser.add_argument("--data", default=None,
-                        help="training data: a directory, CSV or TFRecord path/pattern, or 'demo' for the "
-                             "built-in demo photos (default: demo)")
-    parser.add_argument("--data-format", choices=DATA_FORMATS, default=None,
-                        help="input format (default: detected from --data)")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=None,
+        help="tf.distribute strategy: mirrored = all local GPUs (one CPU device when there is "
+        "none), multiworker = MultiWorkerMirroredStrategy from TF_CONFIG, tpu (untested), "
+        "one_device (default: mirrored)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=presets,
+        default="tiny",
+        help="model + recipe preset: tiny (CPU demo recipe) or resnet50/resnet101 (the paper's "
+        "recipe: 512px, SGD 0.01, 100 epochs) (default: tiny)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="training data: a directory, CSV or TFRecord path/pattern, or 'demo' for the "
+        "built-in demo photos (default: demo)",
+    )
+    parser.add_argument(
+        "--data-format", choices=DATA_FORMATS, default=None, help="input format (default: detected from --data)"
+    )
     parser.add_argument("--image-size", type=int, default=None, help="side of the square training crops")
     parser.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch size, split over replicas")
     parser.add_argument("--epochs", type=int, default=None, help="number of epochs")
-    parser.add_argument("--steps-per-epoch", type=int, default=None,
-                        help="steps per epoch (0: examples // batch size)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (linear warm-up, then cosine decay)")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
-                        help="sgd (momentum 0.9, Nesterov, L2 decay) or adamw (decoupled decay) (default: sgd)")
-    parser.add_argument("--head", choices=HEADS, default=None,
-                        help="margin head, kept in float32 (default: arcface, s=30, m=0.15)")
-    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=None,
-                        help="off, float16 (dynamic loss scaling) or bfloat16 (default: off)")
-    parser.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile each replica's forward/backward pass with XLA (default: off)")
-    parser.add_argument("--model-dir", default=None,
-                        help="checkpoints, TensorBoard logs, config.json, label map "
-                             "(default: runs/dolg/<timestamp>; with --resume: the latest run there)")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                        help="continue from the latest checkpoint in --model-dir: same step, learning rate and "
-                             "optimizer state (default: off; without it an existing checkpoint is an error)")
-    parser.add_argument("--export", action=argparse.BooleanOptionalAction, default=None,
-                        help="export a SavedModel to saved_models/dolg/<next version>/ after training "
-                             "(default: on)")
+    parser.add_argument("--steps-per-epoch", type=int, default=None, help="steps per epoch (0: examples // batch size)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (linear warm-up, then cosine decay)")
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=None,
+        help="sgd (momentum 0.9, Nesterov, L2 decay) or adamw (decoupled decay) (default: sgd)",
+    )
+    parser.add_argument(
+        "--head", choices=HEADS, default=None, help="margin head, kept in float32 (default: arcface, s=30, m=0.15)"
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        choices=MIXED_PRECISION,
+        default=None,
+        help="off, float16 (dynamic loss scaling) or bfloat16 (default: off)",
+    )
+    parser.add_argument(
+        "--jit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile each replica's forward/backward pass with XLA (default: off)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="checkpoints, TensorBoard logs, config.json, label map "
+        "(default: runs/dolg/<timestamp>; with --resume: the latest run there)",
+    )
+    parser.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="continue from the latest checkpoint in --model-dir: same step, learning rate and "
+        "optimizer state (default: off; without it an existing checkpoint is an error)",
+    )
+    parser.add_argument(
+        "--export",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="export a SavedModel to saved_models/dolg/<next version>/ after training (default: on)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config field (repeatable), e.g. --set warmup_epochs=2 "
-                             "--set model.gem_p=4 --set data.min_crop_area=0.3; fields: "
-                             + ", ".join(f.name for f in dataclasses.fields(TrainConfig)))
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field (repeatable), e.g. --set warmup_epochs=2 "
+        "--set model.gem_p=4 --set data.min_crop_area=0.3; fields: "
+        + ", ".join(f.name for f in dataclasses.fields(TrainConfig)),
+    )
     return parser
 
 
@@ -120,8 +173,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     flags = {name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name, None) is not None}
     preset = sets["train"].pop("preset", args.preset)
     # --set wins over a flag.
-    return run_config(preset, model_overrides=sets["model"], data_overrides=sets["data"],
-                      **{**flags, **sets["train"]})
+    return run_config(preset, model_overrides=sets["model"], data_overrides=sets["data"], **{**flags, **sets["train"]})
 
 
 def in_flag_terms(message: str) -> str:
@@ -205,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     parser = add_train_arguments(argparse.ArgumentParser(prog="train.py", **PARSER_KWARGS))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # absl (a line per checkpoint save) and tf.distribute (a line per all-reduce set-up) are chatty
     # at INFO; the trainer logs the strategy and replica count itself.
     for name in ("absl", "tensorflow"):

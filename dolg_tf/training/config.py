@@ -154,8 +154,16 @@ class TrainConfig(FrozenConfig):
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.data_format is not None and self.data_format not in DATA_FORMATS:
             raise ConfigError(f"data_format must be one of {list(DATA_FORMATS)} or None, got {self.data_format!r}")
-        positive_ints = ("image_size", "batch_size", "epochs", "keep_checkpoints", "log_every", "subcenter_k",
-                         "cpu_replicas", "loss_scale_growth_steps")
+        positive_ints = (
+            "image_size",
+            "batch_size",
+            "epochs",
+            "keep_checkpoints",
+            "log_every",
+            "subcenter_k",
+            "cpu_replicas",
+            "loss_scale_growth_steps",
+        )
         for name in positive_ints:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -262,9 +270,7 @@ def _did_you_mean(name: str, known: Iterable[str], section: str | None = None) -
     return "; did you mean " + " or ".join(close) + "?"
 
 
-def split_overrides(
-    pairs: Iterable[str], sections: Mapping[str, Iterable[str]]
-) -> dict[str, dict[str, Any]]:
+def split_overrides(pairs: Iterable[str], sections: Mapping[str, Iterable[str]]) -> dict[str, dict[str, Any]]:
     """Sorts ``key=value`` strings into config sections.
 
     A key is ``section.field`` (``model.multi_atrous=false``) or a bare field name that
@@ -362,13 +368,16 @@ def run_config(
     """
     train_cfg = train_config(preset, **train)
     # The model records the crop size it is trained at; exports default to it.
-    model_cfg = model_config(train_cfg.preset,
-                             **{"train_image_size": train_cfg.image_size, **dict(model_overrides or {})})
+    model_cfg = model_config(
+        train_cfg.preset, **{"train_image_size": train_cfg.image_size, **dict(model_overrides or {})}
+    )
     owned = sorted(set(data_overrides or {}) & set(SHARED_DATA_FIELDS))
     if owned:
         raise ConfigError(f"data fields {owned} are set through the train section's fields of the same names")
     data_cfg = DataConfig().replace(
-        image_size=train_cfg.image_size, seed=train_cfg.seed, class_balanced=train_cfg.class_balanced,
+        image_size=train_cfg.image_size,
+        seed=train_cfg.seed,
+        class_balanced=train_cfg.class_balanced,
         **dict(data_overrides or {}),
     )
     return RunConfig(train=train_cfg, model=model_cfg, data=data_cfg)

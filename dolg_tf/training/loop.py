@@ -182,8 +182,9 @@ class TrainLoop:
     ```
     """
 
-    def __init__(self, config: RunConfig, strategy: tf.distribute.Strategy | None = None,
-                 task: RetrievalTask | None = None):
+    def __init__(
+        self, config: RunConfig, strategy: tf.distribute.Strategy | None = None, task: RetrievalTask | None = None
+    ):
         train = config.train
         self.config = config
         self.task = task or RetrievalTask(config)
@@ -192,37 +193,42 @@ class TrainLoop:
         self.chief = is_chief(self.strategy)
         self.replicas = self.strategy.num_replicas_in_sync
         if train.batch_size % self.replicas:
-            raise ConfigError(
-                f"batch_size {train.batch_size} is not divisible by the {self.replicas} replicas in sync"
-            )
+            raise ConfigError(f"batch_size {train.batch_size} is not divisible by the {self.replicas} replicas in sync")
         if train.jit and train.sync_batch_norm and self.replicas > 1:
             raise ConfigError(
                 f"jit=True cannot compile synchronized batch norm across {self.replicas} replicas (its all-reduce "
                 "runs outside XLA); set jit=False or sync_batch_norm=False"
             )
-        self.source = data_lib.open_source(None if train.is_demo else train.data, train.data_format,
-                                           config=config.data)
+        self.source = data_lib.open_source(None if train.is_demo else train.data, train.data_format, config=config.data)
         if self.source.num_classes < 2:
             raise DataError(f"training needs at least 2 classes, the data has {self.source.num_classes}")
         self.steps_per_epoch = train.steps_per_epoch or max(1, self.source.num_examples // train.batch_size)
         self.total_steps = train.epochs * self.steps_per_epoch
         self.model_dir = self._resolve_model_dir()
-        self.state = self.task.create_state(self.strategy, self.source.num_classes, self.source.class_counts,
-                                            self.steps_per_epoch)
+        self.state = self.task.create_state(
+            self.strategy, self.source.num_classes, self.source.class_counts, self.steps_per_epoch
+        )
         self.checkpoint = self.state.checkpoint()
         self._checkpoint_dir = os.path.join(self.model_dir, CHECKPOINT_SUBDIR)
         if not self.chief:
             # Every worker must take part in saving (variables may need collectives), but
             # only the chief's files are kept; the others write to a scratch directory.
             self._checkpoint_dir = os.path.join(self.model_dir, f".worker-{worker_id(self.strategy)}-tmp")
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self._checkpoint_dir,
-                                                  max_to_keep=train.keep_checkpoints)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, self._checkpoint_dir, max_to_keep=train.keep_checkpoints
+        )
         self._start_step: int | None = None
         log.info(
             "DOLG %s + %s head (%d classes), %d trainable variables (%d with weight decay), %d sync BN layers, "
             "%d replica(s), policy %s",
-            train.preset, train.head, self.source.num_classes, len(self.state.variables), sum(self.state.decay_mask),
-            self.state.sync_bn_layers, self.replicas, self.state.model.dtype_policy.name,
+            train.preset,
+            train.head,
+            self.source.num_classes,
+            len(self.state.variables),
+            sum(self.state.decay_mask),
+            self.state.sync_bn_layers,
+            self.replicas,
+            self.state.model.dtype_policy.name,
         )
 
     # ------------------------------------------------------------------ set-up
@@ -366,8 +372,11 @@ class TrainLoop:
         # A terminal gets a live bar; a log file one summary line per epoch. Every value is
         # given as this process's epoch average so far (stateful), the numbers the summary
         # reports: Progbar's own averaging shows only the last step's value on an epoch's final line.
-        return keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=["loss", "acc", "images/s", "lr"],
-                                   verbose=1 if sys.stdout.isatty() else 2)
+        return keras.utils.Progbar(
+            self.steps_per_epoch,
+            stateful_metrics=["loss", "acc", "images/s", "lr"],
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
 
     def run(self) -> TrainResult:
         """Runs (or resumes) the steps up to the end of the schedule or ``max_steps``.
@@ -419,8 +428,15 @@ class TrainLoop:
                 ips = timed_images / timed_seconds if timed_seconds else train.batch_size / dt
                 lr = self.current_lr()
                 if progbar is not None:
-                    progbar.update(in_epoch + 1, [("loss", float(np.mean(losses))), ("acc", correct_total / seen),
-                                                  ("images/s", ips), ("lr", lr)])
+                    progbar.update(
+                        in_epoch + 1,
+                        [
+                            ("loss", float(np.mean(losses))),
+                            ("acc", correct_total / seen),
+                            ("images/s", ips),
+                            ("lr", lr),
+                        ],
+                    )
                 if writer is not None and (step % train.log_every == 0 or step == stop_at):
                     scalars = {
                         "loss": loss,

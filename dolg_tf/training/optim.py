@@ -80,8 +80,10 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupCosine:
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     if warmup > total:
         logging.getLogger(__name__).warning(
-            "warm-up of %s epochs is longer than the %d-epoch schedule: the whole run warms up", config.warmup_epochs,
-            config.epochs)
+            "warm-up of %s epochs is longer than the %d-epoch schedule: the whole run warms up",
+            config.warmup_epochs,
+            config.epochs,
+        )
         warmup = total
     return WarmupCosine(config.lr, total_steps=total, warmup_steps=warmup, end_lr=config.end_lr)
 

@@ -67,7 +67,9 @@ def export(model: keras.Model, base_dir: str, image_size: int, model_dir: str, s
     where = os.path.abspath(base_dir)
     with announce(f"exporting a SavedModel under {where} (tracing and saving take a while)"):
         path = export_saved_model(
-            model, base_dir, image_size=image_size,
+            model,
+            base_dir,
+            image_size=image_size,
             extra_metadata={"training": {"model_dir": os.path.abspath(model_dir), "step": int(step)}},
         )
     path = os.path.abspath(path)
@@ -91,8 +93,7 @@ def train(loop: TrainLoop) -> TrainResult:
     before = None
     if evaluate and loop.restore() == 0:
         before = demo_retrieval(loop.state.model, train_cfg.image_size)
-        log.info("held-out demo retrieval before training: mAP %.3f, recall@1 %.3f",
-                 before["mAP"], before["recall@1"])
+        log.info("held-out demo retrieval before training: mAP %.3f, recall@1 %.3f", before["mAP"], before["recall@1"])
     result = loop.run()
     result.before = before
     if result.interrupted:
@@ -100,8 +101,11 @@ def train(loop: TrainLoop) -> TrainResult:
     if evaluate:
         with announce("held-out demo retrieval after training"):
             result.after = demo_retrieval(loop.state.model, train_cfg.image_size)
-        log.info("held-out demo retrieval after training: mAP %.3f, recall@1 %.3f",
-                 result.after["mAP"], result.after["recall@1"])
+        log.info(
+            "held-out demo retrieval after training: mAP %.3f, recall@1 %.3f",
+            result.after["mAP"],
+            result.after["recall@1"],
+        )
     if not loop.chief:
         return result
     model = inference_model(loop.state.model, loop.config.model)

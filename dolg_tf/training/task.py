@@ -72,8 +72,9 @@ def build_margin_head(config: TrainConfig, num_classes: int, class_counts: np.nd
             margins = [float(m) for m in dynamic_margins(np.maximum(np.asarray(class_counts), 1))]
         else:
             margins = config.head_margin
-        return SubCenterArcFace(num_classes, k=config.subcenter_k, margins=margins, scale=config.head_scale,
-                                dtype="float32")
+        return SubCenterArcFace(
+            num_classes, k=config.subcenter_k, margins=margins, scale=config.head_scale, dtype="float32"
+        )
     raise ConfigError(f"unknown head {config.head!r}")
 
 
@@ -107,8 +108,14 @@ class TrainState:
 
     def checkpoint(self) -> tf.train.Checkpoint:
         """A checkpoint of the whole state (its keys are the checkpoint format of a run)."""
-        return tf.train.Checkpoint(model=self.model, head=self.head, optimizer=self.optimizer, step=self.step,
-                                   loss_scale=self.loss_scale, good_steps=self.good_steps)
+        return tf.train.Checkpoint(
+            model=self.model,
+            head=self.head,
+            optimizer=self.optimizer,
+            step=self.step,
+            loss_scale=self.loss_scale,
+            good_steps=self.good_steps,
+        )
 
 
 class RetrievalTask:
@@ -168,12 +175,24 @@ class RetrievalTask:
             step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step", aggregation=first_only)
             loss_scale = tf.Variable(
                 config.initial_loss_scale if config.mixed_precision == "float16" else 1.0,
-                dtype=tf.float32, trainable=False, name="loss_scale", aggregation=first_only,
+                dtype=tf.float32,
+                trainable=False,
+                name="loss_scale",
+                aggregation=first_only,
             )
             good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps", aggregation=first_only)
-        return TrainState(model=model, head=head, optimizer=optimizer, schedule=schedule, variables=variables,
-                          decay_mask=decay_mask, step=step, loss_scale=loss_scale, good_steps=good_steps,
-                          sync_bn_layers=sync_bn_layers)
+        return TrainState(
+            model=model,
+            head=head,
+            optimizer=optimizer,
+            schedule=schedule,
+            variables=variables,
+            decay_mask=decay_mask,
+            step=step,
+            loss_scale=loss_scale,
+            good_steps=good_steps,
+            sync_bn_layers=sync_bn_layers,
+        )
 
     def make_replica_step(self, state: TrainState) -> Callable:
         """The per-replica step ``(images, labels) -> (loss, correct, gradient_norm)``, for ``strategy.run``.
@@ -235,8 +254,9 @@ class RetrievalTask:
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
             if sgd_decay:
                 # L2 decay on the summed gradient, as PyTorch's SGD(weight_decay=...) in the official code.
-                grads = [g + config.weight_decay * tf.cast(v, g.dtype) if m else g
-                         for g, v, m in zip(grads, variables, mask)]
+                grads = [
+                    g + config.weight_decay * tf.cast(v, g.dtype) if m else g for g, v, m in zip(grads, variables, mask)
+                ]
             if config.clip_norm > 0:
                 grads, norm = tf.clip_by_global_norm(grads, config.clip_norm)
             else:
