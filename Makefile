@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
 
-# Unit tests only: no subprocess, no server (a few minutes on 2 cores).
+# Unit tests only: no subprocess, no server, no SavedModel export, no multi-step training run.
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow and not integration"
 

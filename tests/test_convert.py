@@ -250,6 +250,7 @@ def test_preset_mismatch_and_detection(tmp_path):
         from_official_pytorch(tmp_path / "r50.pyth", preset="resnet101")
 
 
+@pytest.mark.integration
 def test_cli_convert_writes_a_loadable_keras_model(r50_pair, tmp_path, rng, capsys):
     import keras
 
@@ -279,6 +280,7 @@ def test_cli_convert_writes_a_loadable_keras_model(r50_pair, tmp_path, rng, caps
     assert "could not load model file" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_converted_model_survives_savedmodel_round_trip(r50_pair, official_export, rng):
     import tensorflow as tf
 

@@ -526,6 +526,7 @@ def test_cli_evaluate_in_process_keras_model(tmp_path):
     assert metrics["medium"]["mAP"] == pytest.approx(want["medium"]["mAP"], abs=1e-6)
 
 
+@pytest.mark.integration
 def test_cli_evaluate_saved_model_through_the_client(tmp_path, tiny_export):
     from dolg_tf.client import Client
 

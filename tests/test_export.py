@@ -40,6 +40,9 @@ from dolg_tf.export.reader import read_meta_graph
 from dolg_tf.model import build_dolg, load_dolg
 from tests.images import encode, jpeg_claiming, png_claiming
 
+# SavedModel exports and what runs them end to end: make test-fast leaves these out.
+pytestmark = pytest.mark.integration
+
 SIZE = 64
 SCALES = (0.7071, 1.0, 1.4142)
 

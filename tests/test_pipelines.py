@@ -21,6 +21,9 @@ from dolg_tf.model import build_dolg
 from dolg_tf.pipelines import SavedModelHandler, embed_batch
 from dolg_tf.pipelines.model import ImageRejected
 
+# SavedModel exports and what runs them end to end: make test-fast leaves these out.
+pytestmark = pytest.mark.integration
+
 MAX_PIXELS = 160 * 160  # small, so that one test image is over it without allocating much
 N_GOOD = 26
 

@@ -97,6 +97,7 @@ def run_chunks(signature, shapes):
         yield from zip(batch, out)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("axis", ["height", "width"])
 def test_export_feeds_the_model_the_authors_sizes(official_export, axis):
     """Every side 1..4096, every official and paper scale, through the exported serving_default signature."""
@@ -133,6 +134,7 @@ def test_multiscale_embed_feeds_the_model_the_authors_sizes():
     assert not wrong, f"{len(wrong)} shapes differ, first: {wrong[:3]}"
 
 
+@pytest.mark.integration
 def test_aspect_pre_resize_uses_the_same_rounding(tmp_path):
     """The first resize of the default profile: each side times image_size / longer side, rounded the same way."""
     image_size, longer = 97, 600

@@ -211,6 +211,7 @@ def test_fold_refuses_mixed_precision():
         fold_batch_norms(keras.Model(layer_in, out))
 
 
+@pytest.mark.integration
 def test_export_is_folded_and_matches_unfolded_model(tiny_export_factory):
     # The session's tiny export (tests/conftest.py): build_dolg("tiny") after set_random_seed(TINY_SEED).
     from dolg_tf.export import embed_reference, read_export_metadata

@@ -396,6 +396,7 @@ def test_multiworker_two_processes_end_with_identical_weights(tmp_path):
 # --------------------------------------------------------------------------- resume, signals, errors
 
 
+@pytest.mark.integration
 def test_resume_continues_step_lr_and_optimizer_slots(tmp_path):
     from dolg_tf.training.loop import TrainLoop
     from dolg_tf.training.steps import train
@@ -443,6 +444,7 @@ def test_resume_continues_step_lr_and_optimizer_slots(tmp_path):
     assert {"loss", "accuracy", "learning_rate", "images_per_second", "skipped_images"} <= tags
 
 
+@pytest.mark.integration
 def test_progress_line_shows_the_epoch_average_the_summary_reports(tmp_path, capsys, caplog):
     from dolg_tf.training.loop import TrainLoop
     from dolg_tf.training.steps import train
@@ -579,6 +581,7 @@ def test_dolg_train_and_train_py_share_flags_and_reject_bad_overrides(capsys, tm
     assert len(err) == 1 and "pass --resume" in err[0] and "another --model-dir" in err[0], err
 
 
+@pytest.mark.integration
 def test_float16_dynamic_loss_scaling_skips_overflowing_steps(tmp_path):
     from dolg_tf.training.loop import TrainLoop
 
@@ -599,6 +602,7 @@ def test_float16_dynamic_loss_scaling_skips_overflowing_steps(tmp_path):
     assert all(np.isfinite(v.numpy()).all() for v in state.model.trainable_variables)
 
 
+@pytest.mark.integration
 def test_corrupt_image_is_skipped_and_counted_by_the_run(tmp_path):
     from PIL import Image
 
