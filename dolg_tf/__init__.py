@@ -6,6 +6,8 @@ The model entry points (``build_dolg``, ``load_dolg``, ``multiscale_embed``,
 
 from __future__ import annotations
 
+from dolg_tf._lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -18,12 +20,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dolg_tf' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)

@@ -90,3 +90,28 @@ def test_dolg_commands_start_tensorflow_without_the_cuda_init_error_line():
     train = _run("train", "--set", "lrr=0.1", module=True)
     assert train.returncode == 2 and "did you mean lr?" in train.stderr, train.stderr
     assert "failed call to cuInit" not in train.stderr
+
+
+@pytest.mark.integration
+def test_package_exports_resolve_lazily_without_tensorflow():
+    """Each package's lazy names are listed by dir(), resolve to their defining module's object on first use
+    (then cached), and an unknown name is an AttributeError; none of it loads TensorFlow until a heavy name is used."""
+    code = (
+        "import importlib, sys\n"
+        "import dolg_tf, dolg_tf.data, dolg_tf.demo, dolg_tf.export, dolg_tf.server, dolg_tf.training\n"
+        "from dolg_tf.data.config import DataConfig\n"
+        "from dolg_tf.demo.photos import demo_photos\n"
+        "from dolg_tf.server.preflight import VersionPolicy\n"
+        "assert 'DataConfig' in dir(dolg_tf.data) and 'run_demo' in dir(dolg_tf.demo), dir(dolg_tf.demo)\n"
+        "assert dolg_tf.data.DataConfig is DataConfig and vars(dolg_tf.data)['DataConfig'] is DataConfig\n"
+        "assert dolg_tf.demo.demo_photos is demo_photos and dolg_tf.server.VersionPolicy is VersionPolicy\n"
+        "for package in (dolg_tf, dolg_tf.data, dolg_tf.export, dolg_tf.training):\n"
+        "    try:\n        package.no_such_name\n    except AttributeError as e:\n"
+        "        assert repr(package.__name__) in str(e) and 'no_such_name' in str(e), e\n"
+        "    else:\n        raise SystemExit(f'{package.__name__}.no_such_name resolved')\n"
+        "assert 'tensorflow' not in sys.modules\n"
+        "assert dolg_tf.build_dolg is importlib.import_module('dolg_tf.model').build_dolg\n"
+        "assert 'tensorflow' in sys.modules\n"
+    )
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -104,6 +104,31 @@ def test_multi_atrous_values_and_gradients_match_keras_conv_path(rng):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
 
 
+def test_multi_atrous_trains_to_the_same_weights_as_keras_conv_path(rng):
+    """Ten SGD steps (momentum, Nesterov) through ``model.fit``: the per-tap path reads its convolutions' variables
+    without calling those layers, so this checks that the optimizer updates them as it does through the layers."""
+    x = rng.normal(size=(8, 9, 6, 4)).astype("float32")
+    y = rng.normal(size=(8, 5)).astype("float32")
+    start = [w.numpy() for w in _layer_pair(rng).weights]
+
+    def train(enabled: bool) -> list[np.ndarray]:
+        multi_atrous.set_fast_path(enabled)
+        layer = MultiAtrous(filters=6, dilation_rates=(2, 5, 7), out_filters=7)
+        model = keras.Sequential([keras.Input((None, None, 4)), layer, keras.layers.GlobalAveragePooling2D()])
+        model.add(keras.layers.Dense(5, kernel_initializer="ones"))
+        for weight, value in zip(layer.weights, start):
+            weight.assign(value)
+        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True), loss="mse")
+        model.fit(x, y, batch_size=4, epochs=5, shuffle=False, verbose=0)
+        return [w.numpy() for w in layer.weights]
+
+    taps, keras_path = train(True), train(False)
+    moved = [np.abs(a - s).max() for a, s in zip(taps, start)]
+    assert min(moved) > 1e-4  # every variable of the layer was updated
+    for a, b, s in zip(taps, keras_path, start):
+        np.testing.assert_allclose(a - s, b - s, atol=1e-5, rtol=1e-3)
+
+
 def test_multi_atrous_graph_has_no_space_to_batch(rng):
     layer = _layer_pair(rng)
     spec = tf.TensorSpec((None, None, None, 4), tf.float32)

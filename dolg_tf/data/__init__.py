@@ -39,7 +39,7 @@ two replicas with batch ``B/2`` see exactly what one replica with batch ``B`` se
 views: instance retrieval under synthetic views.
 """
 
-import importlib
+from dolg_tf._lazy import lazy_exports
 
 # Public name -> submodule. Resolved on first use, so importing dolg_tf.data.config (for
 # DataConfig, FORMATS) or `dolg --help` does not load TensorFlow.
@@ -63,16 +63,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, {name: f".{module}" for name, module in _EXPORTS.items()})
 
 
 __all__ = [

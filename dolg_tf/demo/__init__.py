@@ -8,7 +8,7 @@
   search, score, draw), what ``make demo`` runs.
 """
 
-import importlib
+from dolg_tf._lazy import lazy_exports
 
 # Public name -> submodule, resolved on first use: the photos need neither TensorFlow nor a server.
 _EXPORTS = {
@@ -24,16 +24,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, {name: f".{module}" for name, module in _EXPORTS.items()})
 
 
 __all__ = list(_EXPORTS)

@@ -24,8 +24,7 @@ The contract's names are imported here at once; the others on first use, so
 
 from __future__ import annotations
 
-import importlib
-
+from dolg_tf._lazy import lazy_exports
 from dolg_tf.export.contract import (
     DEFAULT_IMAGE_SIZE,
     EXPORT_JSON,
@@ -86,7 +85,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

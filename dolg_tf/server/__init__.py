@@ -12,7 +12,7 @@ The names below are imported on first use, so ``dolg_tf.server.preflight``
 
 from __future__ import annotations
 
-import importlib
+from dolg_tf._lazy import lazy_exports
 
 _EXPORTS = {
     "DolgServer": "dolg_tf.server.app",
@@ -27,7 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

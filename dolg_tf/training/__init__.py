@@ -15,8 +15,7 @@ Layout, as in TensorFlow Model Garden:
 TensorFlow-dependent names are imported on first use, so ``dolg --help`` stays fast.
 """
 
-import importlib
-
+from dolg_tf._lazy import lazy_exports
 from dolg_tf.training.config import TRAIN_PRESETS, RunConfig, TrainConfig, run_config, train_config
 
 _LAZY = {
@@ -35,7 +34,4 @@ _LAZY = {
 __all__ = ["TRAIN_PRESETS", "RunConfig", "TrainConfig", "run_config", "train_config", *_LAZY]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
