@@ -605,3 +605,20 @@ def test_cli_export_shows_progress_and_names_wrong_model_kinds(cli_export, tmp_p
     assert "is a SavedModel (an export), not a Keras model" in capsys.readouterr().err
     assert cli.main(["export", "--model", str(out), "--out", str(tmp_path / "x")]) == 2
     assert "is an export base path (SavedModel versions 1)" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_each_weight_is_stored_once(tiny_export_factory):
+    """The checkpoint of an export holds exactly the served model's parameters: Keras' ExportArchive writes a
+    model's variables a second time when the model is also passed to ``track``, doubling disk and memory."""
+    from dolg_tf.model.fold import inference_model
+    from tests.conftest import TINY_SEED
+
+    reader = tf.train.load_checkpoint(os.path.join(tiny_export_factory(), "variables", "variables"))
+    shapes = reader.get_variable_to_shape_map()
+    stored = sum(math.prod(shape) for key, shape in shapes.items() if key != "_CHECKPOINTABLE_OBJECT_GRAPH")
+    keras.utils.set_random_seed(TINY_SEED)
+    model = build_dolg("tiny")
+    served = inference_model(model).count_params()
+    assert served < model.count_params()  # the batch norms are folded away
+    assert stored == served

@@ -105,9 +105,13 @@ class ExportModule:
         ties the graph's variable handles to the restored checkpoint values
         for Keras 3 variables: with a bare ``tf.Module`` the Python loader
         works but the C++ loader (TF Serving) finds the variables uninitialised.
+
+        The model is not passed to ``archive.track``: the archive already keeps
+        every variable the endpoints read (as ``tf.Variable``), and tracking
+        the model adds its Keras variables as second objects, so each weight
+        would be written, loaded and held in memory twice.
         """
         archive = keras.export.ExportArchive()
-        archive.track(self.model)
         # Endpoints are traced with autograph off and without XLA.
         archive.add_endpoint(
             DEFAULT_SIGNATURE,
