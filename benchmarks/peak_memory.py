@@ -6,7 +6,10 @@ Every measurement runs in a fresh process, so each peak is its own:
   scales (0.3535, 0.5, 0.7071, 1, 1.4142). Ours: the exported SavedModel's
   ``embed_pixels`` (exported beforehand in another process, ``--profile
   official``); PyTorch: the official multi-scale extraction
-  (tests/torch_official.py, ``torch.no_grad``).
+  (tests/torch_official.py, ``torch.no_grad``). Ours is also measured through
+  TensorFlow's C API (``dolg_tf.export.capi``: the C++ SavedModel loader TF
+  Serving uses, without TF's Python package), the nearest figure to a
+  ``tensorflow_model_server`` process.
 - ``train``: the training step of benchmarks/train_throughput.py (ours: DOLG +
   ArcFace + SGD as ``dolg train`` runs it; PyTorch: the official architecture +
   ArcFace + SGD), batch 8 at 512x512, float32, two steps.
@@ -52,6 +55,23 @@ def _embed(framework: str, preset: str, width: int, height: int, saved_model: st
         serve = tf.saved_model.load(saved_model).signatures["embed_pixels"]
         ready = _rss_bytes()
         dim = serve(pixels=tf.constant(pixels))["embedding"].shape[-1]
+    elif framework == "capi":
+        # The C++ loader TF Serving uses (TF_LoadSessionFromSavedModel), without TF's Python package: the
+        # nearest figure to a tensorflow_model_server process. Loading and the call are one step here.
+        import base64
+
+        from dolg_tf.export import capi
+
+        ready = _rss_bytes()
+        request = {
+            "export_dir": saved_model,
+            "signature": "embed_pixels",
+            "inputs": {"pixels": {"dtype": "uint8", "shape": list(pixels.shape), "b64": base64.b64encode(pixels)}},
+        }
+        answer = capi.run(request)
+        if not answer["ok"] or "tensorflow" in sys.modules:
+            raise RuntimeError(f"the C API run failed or imported TensorFlow: {answer}")
+        dim = answer["outputs"]["embedding"]["shape"][-1]
     else:
         import torch
 
@@ -134,6 +154,7 @@ def main() -> int:
             exported = _child("export", args.preset, os.path.join(tmp, "sm"), *common)
             result["embed"] = {
                 "ours": _child("embed", "ours", exported.get("path", ""), *common),
+                "ours_c_api": _child("embed", "capi", exported.get("path", ""), *common),
                 "pytorch": _child("embed", "pytorch", *common),
                 "image": f"{args.width}x{args.height}",
                 "scales": list(OFFICIAL_SCALES),
@@ -156,6 +177,9 @@ def main() -> int:
                     f"{args.preset} {figure}: peak RSS ours {ours['peak_gb']} GB, PyTorch {torch_['peak_gb']} GB "
                     f"(ours/PyTorch {ours['peak_gb'] / torch_['peak_gb']:.2f})"
                 )
+                c_api = result[figure].get("ours_c_api", {})
+                if "peak_gb" in c_api:
+                    print(f"  through TF's C API (TF Serving's loader, no TF Python): peak RSS {c_api['peak_gb']} GB")
             else:
                 print(f"{args.preset} {figure}: failed: ours {ours.get('error')}, PyTorch {torch_.get('error')}")
     return 0
