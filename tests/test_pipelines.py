@@ -256,9 +256,9 @@ def test_bad_options_are_refused_before_running(tmp_path, export, gallery, capsy
         embed_batch([gallery], export[0], str(tmp_path / "o1"), beam_args=["--no_such_beam_flag=1"])
     with pytest.raises(ConfigError, match="NoSuchRunner"):
         embed_batch([gallery], export[0], str(tmp_path / "o0"), runner="NoSuchRunner")
-    with pytest.raises(ConfigError, match="both --milvus-uri and --milvus-collection"):
+    with pytest.raises(ConfigError, match="both milvus_uri and milvus_collection"):
         embed_batch([gallery], export[0], str(tmp_path / "o0"), milvus_uri=str(tmp_path / "m.db"))
-    with pytest.raises(ConfigError, match="batch-size"):
+    with pytest.raises(ConfigError, match="batch_size"):
         embed_batch([gallery], export[0], str(tmp_path / "o2"), batch_size=9)  # over max_batch_size 8
     with pytest.raises(DataError, match="no such file"):
         embed_batch([str(tmp_path / "absent")], export[0], str(tmp_path / "o3"))

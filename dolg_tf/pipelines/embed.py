@@ -104,7 +104,7 @@ def prepare_milvus(uri: str, collection: str, dim: int, kind: str = "HNSW") -> s
         if index.dim != dim or index.id_type != "str":
             raise ConfigError(
                 f"Milvus collection {collection!r} at {uri!r} holds {index.dim}-d vectors with {index.id_type} ids; "
-                f"dolg embed-batch writes {dim}-d vectors with string ids: give another --milvus-collection"
+                f"dolg embed-batch writes {dim}-d vectors with string ids: give another milvus_collection"
             )
     finally:
         index.close()  # Milvus Lite: unlocks the .db file for the pipeline's writer
@@ -120,17 +120,14 @@ def check_out_dir(out: str) -> None:
     if "://" in out:
         existing = FileSystems.match([sinks.join(out.rstrip("/"), "*")])[0].metadata_list
         if existing:
-            raise DataError(
-                f"--out {out!r} already holds files; give a new folder (runs never overwrite or mix outputs)"
-            )
+            raise DataError(f"out {out!r} already holds files; give a new folder (runs never overwrite or mix outputs)")
         return
     if os.path.exists(out):
         if not os.path.isdir(out):
-            raise DataError(f"--out {out!r} is a file; give a folder")
+            raise DataError(f"out {out!r} is a file; give a folder")
         if os.listdir(out):
             raise DataError(
-                f"--out {out!r} is not empty; give a new folder or remove this one "
-                "(runs never overwrite or mix outputs)"
+                f"out {out!r} is not empty; give a new folder or remove this one (runs never overwrite or mix outputs)"
             )
     os.makedirs(out, exist_ok=True)
 
@@ -242,23 +239,23 @@ def embed_batch(
     try:
         pipeline = beam.Pipeline(options=options)
     except ValueError as err:  # Beam's answer to an unknown runner name
-        raise ConfigError(f"--runner {runner!r}: {err}") from None
+        raise ConfigError(f"runner {runner!r}: {err}") from None
     info = describe_export(saved_model, model_name)
     if batch_size is None:
         batch_size = info.max_batch_size
     if not 1 <= batch_size <= info.max_batch_size:
         raise ConfigError(
-            f"--batch-size must be in [1, {info.max_batch_size}] (the export's max_batch_size), got {batch_size}"
+            f"batch_size must be in [1, {info.max_batch_size}] (the export's max_batch_size), got {batch_size}"
         )
     if rows_per_shard < 1:
-        raise ConfigError(f"--rows-per-shard must be a positive integer, got {rows_per_shard}")
+        raise ConfigError(f"rows_per_shard must be a positive integer, got {rows_per_shard}")
     try:
         specs = sources.classify_inputs(list(inputs))
     except DataError as err:
         hint = " (Beam options take the form --name=value)" if beam_args else ""
         raise DataError(f"{err}{hint}") from None
     if (milvus_uri is None) != (milvus_collection is None):
-        raise ConfigError("give both --milvus-uri and --milvus-collection, or neither")
+        raise ConfigError("give both milvus_uri and milvus_collection, or neither")
     out = out.rstrip("/") or "/"
     check_out_dir(out)
     milvus = None

@@ -113,7 +113,7 @@ def describe_export(path: str, model_name: str | None = None, signature_name: st
         try:
             directory, version = resolve_version_dir(path)
         except ModelNotFoundError as err:
-            raise ExportError(f"--saved-model: {err}") from None
+            raise ExportError(f"saved_model: {err}") from None
         directory = os.path.abspath(directory)
     join = posixpath.join if _is_remote(directory) else os.path.join
     meta_path = join(directory, ASSETS_EXTRA, EXPORT_JSON)
