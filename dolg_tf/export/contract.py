@@ -39,9 +39,10 @@ import dataclasses
 import json
 import logging
 import os
+import posixpath
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from dolg_tf.config import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -95,11 +96,6 @@ VERSION_NAME = re.compile(r"[0-9]+")
 def warmup_path(export_dir: str | os.PathLike) -> str:
     """``<export_dir>/assets.extra/tf_serving_warmup_requests``."""
     return os.path.join(os.fspath(export_dir), ASSETS_EXTRA, WARMUP_FILE)
-
-
-def metadata_path(export_dir: str | os.PathLike) -> str:
-    """``<export_dir>/assets.extra/dolg_export.json``."""
-    return os.path.join(os.fspath(export_dir), ASSETS_EXTRA, EXPORT_JSON)
 
 
 def is_saved_model_dir(path: str | os.PathLike, isfile: Callable[[str], bool] = os.path.isfile) -> bool:
@@ -241,23 +237,31 @@ def export_config_for(model, profile: str = "default", **options: Any) -> Export
 # --------------------------------------------------------------------------- metadata
 
 
-def read_export_metadata(export_dir: str | os.PathLike) -> dict[str, Any]:
+def read_export_metadata(
+    export_dir: str | os.PathLike, open_file: Callable[[str], IO[bytes]] | None = None
+) -> dict[str, Any]:
     """The ``dolg_export.json`` of an export (version) directory.
+
+    Args:
+        export_dir: the version directory.
+        open_file: opens a path for binary reading; the default is the local
+            ``open``. Pass ``tf.io.gfile.GFile`` (with a ``gs://`` directory) to
+            read from any file system TensorFlow reads; nothing here imports it.
 
     Raises:
         ExportError: the file is missing, over :data:`MAX_EXPORT_JSON_BYTES`,
             not JSON, or not a JSON object.
     """
-    path = metadata_path(export_dir)
+    where = os.fspath(export_dir)
+    path = (posixpath.join if "://" in where else os.path.join)(where, ASSETS_EXTRA, EXPORT_JSON)
     try:
-        size = os.path.getsize(path)
-        if size > MAX_EXPORT_JSON_BYTES:
-            raise ValueError(f"{size} bytes, over the limit of {MAX_EXPORT_JSON_BYTES}")
-        with open(path, encoding="utf-8") as f:
-            metadata = json.load(f)
+        with (open_file or open)(path, "rb") as f:
+            data = f.read(MAX_EXPORT_JSON_BYTES + 1)
+        if len(data) > MAX_EXPORT_JSON_BYTES:
+            raise ValueError(f"over the limit of {MAX_EXPORT_JSON_BYTES} bytes")
+        metadata = json.loads(data.decode("utf-8"))
         if not isinstance(metadata, dict):
             raise ValueError(f"a JSON {type(metadata).__name__}, not an object")
-    except (OSError, ValueError) as err:
-        where = os.fspath(export_dir)
+    except Exception as err:  # any file system's error (OSError, tf.errors.OpError) or a bad document
         raise ExportError(f"{where!r} is not a dolg_tf export (no readable {EXPORT_JSON}): {err}") from err
     return metadata

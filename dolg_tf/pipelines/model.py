@@ -9,7 +9,6 @@ signature on a batch of encoded images, exactly as TF Serving would.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import posixpath
@@ -20,7 +19,6 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from dolg_tf.errors import ExportError
 from dolg_tf.export.contract import (
-    ASSETS_EXTRA,
     DEFAULT_SIGNATURE,
     EMBEDDING_KEY,
     EXPORT_JSON,
@@ -30,6 +28,7 @@ from dolg_tf.export.contract import (
     VERSION_NAME,
     complete_versions,
     is_saved_model_dir,
+    read_export_metadata,
 )
 
 log = logging.getLogger(__name__)
@@ -115,15 +114,12 @@ def describe_export(path: str, model_name: str | None = None, signature_name: st
         except ModelNotFoundError as err:
             raise ExportError(f"saved_model: {err}") from None
         directory = os.path.abspath(directory)
-    join = posixpath.join if _is_remote(directory) else os.path.join
-    meta_path = join(directory, ASSETS_EXTRA, EXPORT_JSON)
+    meta = read_export_metadata(directory, open_file=tf.io.gfile.GFile)
     try:
-        with tf.io.gfile.GFile(meta_path, "rb") as f:
-            meta = json.loads(f.read(1 << 22).decode("utf-8"))
         export_config = meta["export_config"]
         dim = int(meta["embedding_dim"])
-    except (tf.errors.OpError, ValueError, KeyError, TypeError) as err:
-        raise ExportError(f"{directory!r} is not a dolg_tf export (no readable {EXPORT_JSON}): {err}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ExportError(f"{directory!r} is not a dolg_tf export ({EXPORT_JSON} lacks {err})") from None
     try:
         fingerprint = tf.saved_model.experimental.read_fingerprint(directory).singleprint()
     except (tf.errors.OpError, ValueError, FileNotFoundError) as err:
