@@ -607,7 +607,6 @@ def test_cli_export_shows_progress_and_names_wrong_model_kinds(cli_export, tmp_p
     assert "is an export base path (SavedModel versions 1)" in capsys.readouterr().err
 
 
-@pytest.mark.integration
 def test_each_weight_is_stored_once(tiny_export_factory):
     """The checkpoint of an export holds exactly the served model's parameters: Keras' ExportArchive writes a
     model's variables a second time when the model is also passed to ``track``, doubling disk and memory."""

@@ -44,26 +44,26 @@ from dolg_tf._lazy import lazy_exports
 # Public name -> submodule. Resolved on first use, so importing dolg_tf.data.config (for
 # DataConfig, FORMATS) or `dolg --help` does not load TensorFlow.
 _EXPORTS = {
-    "FORMATS": "config",
-    "DataConfig": "config",
-    "skipped_images": "pipeline",
-    "train_dataset": "pipeline",
-    "SkipCounter": "skips",
-    "FEATURE_IMAGE": "tfrecord",
-    "FEATURE_KEY": "tfrecord",
-    "FEATURE_LABEL": "tfrecord",
-    "TFRECORD_META": "tfrecord",
-    "FileSource": "formats",
-    "TFRecordSource": "tfrecord",
-    "TrainSource": "base",
-    "detect_format": "formats",
-    "open_source": "formats",
-    "make_example": "tfrecord",
-    "write_tfrecords": "tfrecord",
+    "FORMATS": ".config",
+    "DataConfig": ".config",
+    "skipped_images": ".pipeline",
+    "train_dataset": ".pipeline",
+    "SkipCounter": ".skips",
+    "FEATURE_IMAGE": ".tfrecord",
+    "FEATURE_KEY": ".tfrecord",
+    "FEATURE_LABEL": ".tfrecord",
+    "TFRECORD_META": ".tfrecord",
+    "FileSource": ".formats",
+    "TFRecordSource": ".tfrecord",
+    "TrainSource": ".base",
+    "detect_format": ".formats",
+    "open_source": ".formats",
+    "make_example": ".tfrecord",
+    "write_tfrecords": ".tfrecord",
 }
 
 
-__getattr__, __dir__ = lazy_exports(__name__, {name: f".{module}" for name, module in _EXPORTS.items()})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [

@@ -12,19 +12,19 @@ from dolg_tf._lazy import lazy_exports
 
 # Public name -> submodule, resolved on first use: the photos need neither TensorFlow nor a server.
 _EXPORTS = {
-    "demo_photos": "photos",
-    "synthetic_view": "photos",
-    "demo_views": "photos",
-    "RetrievalSplit": "photos",
-    "demo_retrieval_split": "photos",
-    "retrieval_metrics": "photos",
-    "DemoSource": "source",
-    "DemoResult": "run",
-    "run_demo": "run",
+    "demo_photos": ".photos",
+    "synthetic_view": ".photos",
+    "demo_views": ".photos",
+    "RetrievalSplit": ".photos",
+    "demo_retrieval_split": ".photos",
+    "retrieval_metrics": ".photos",
+    "DemoSource": ".source",
+    "DemoResult": ".run",
+    "run_demo": ".run",
 }
 
 
-__getattr__, __dir__ = lazy_exports(__name__, {name: f".{module}" for name, module in _EXPORTS.items()})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = list(_EXPORTS)

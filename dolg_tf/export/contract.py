@@ -39,7 +39,6 @@ import dataclasses
 import json
 import logging
 import os
-import posixpath
 import re
 from collections.abc import Callable
 from typing import IO, Any
@@ -238,30 +237,34 @@ def export_config_for(model, profile: str = "default", **options: Any) -> Export
 
 
 def read_export_metadata(
-    export_dir: str | os.PathLike, open_file: Callable[[str], IO[bytes]] | None = None
+    export_dir: str | os.PathLike,
+    open_file: Callable[[str, str], IO[bytes]] = open,
+    file_errors: tuple[type[Exception], ...] = (),
 ) -> dict[str, Any]:
     """The ``dolg_export.json`` of an export (version) directory.
 
     Args:
         export_dir: the version directory.
-        open_file: opens a path for binary reading; the default is the local
-            ``open``. Pass ``tf.io.gfile.GFile`` (with a ``gs://`` directory) to
-            read from any file system TensorFlow reads; nothing here imports it.
+        open_file: ``open_file(path, "rb")`` opens a file for binary reading;
+            the default is the local ``open``. Pass ``tf.io.gfile.GFile`` (with a
+            ``gs://`` directory) to read from any file system TensorFlow reads;
+            nothing here imports it.
+        file_errors: what ``open_file``'s file system raises besides ``OSError``
+            (``tf.errors.OpError`` for ``tf.io.gfile``).
 
     Raises:
         ExportError: the file is missing, over :data:`MAX_EXPORT_JSON_BYTES`,
             not JSON, or not a JSON object.
     """
     where = os.fspath(export_dir)
-    path = (posixpath.join if "://" in where else os.path.join)(where, ASSETS_EXTRA, EXPORT_JSON)
     try:
-        with (open_file or open)(path, "rb") as f:
+        with open_file(os.path.join(where, ASSETS_EXTRA, EXPORT_JSON), "rb") as f:
             data = f.read(MAX_EXPORT_JSON_BYTES + 1)
         if len(data) > MAX_EXPORT_JSON_BYTES:
             raise ValueError(f"over the limit of {MAX_EXPORT_JSON_BYTES} bytes")
         metadata = json.loads(data.decode("utf-8"))
         if not isinstance(metadata, dict):
             raise ValueError(f"a JSON {type(metadata).__name__}, not an object")
-    except Exception as err:  # any file system's error (OSError, tf.errors.OpError) or a bad document
+    except (OSError, ValueError, *file_errors) as err:
         raise ExportError(f"{where!r} is not a dolg_tf export (no readable {EXPORT_JSON}): {err}") from err
     return metadata

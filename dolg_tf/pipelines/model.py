@@ -114,7 +114,7 @@ def describe_export(path: str, model_name: str | None = None, signature_name: st
         except ModelNotFoundError as err:
             raise ExportError(f"saved_model: {err}") from None
         directory = os.path.abspath(directory)
-    meta = read_export_metadata(directory, open_file=tf.io.gfile.GFile)
+    meta = read_export_metadata(directory, open_file=tf.io.gfile.GFile, file_errors=(tf.errors.OpError,))
     try:
         export_config = meta["export_config"]
         dim = int(meta["embedding_dim"])
