@@ -18,9 +18,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dolg demo
 
-# One pytest worker per core (pytest-xdist); an idle worker takes queued tests from a busy one. The 15 slowest
-# tests are listed, to keep an eye on the suite's time.
-XDIST := -n auto --dist worksteal
+# One pytest worker per core (pytest-xdist), longest tests first (tests/conftest.py); the modules marked
+# `xdist_group` share module fixtures (a server, exports) and each runs on one worker. The 15 slowest tests are
+# listed, to keep an eye on the suite's time.
+XDIST := -n auto --dist loadgroup --no-loadscope-reorder
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(XDIST) --durations=15

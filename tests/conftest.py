@@ -29,6 +29,22 @@ except RuntimeError:  # already initialised by an earlier import
     pass
 
 
+def pytest_collection_modifyitems(config, items):
+    """Runs the long tests first, so that the short ones fill the end of the run on every pytest-xdist worker
+    (the Makefile's ``--dist loadgroup --no-loadscope-reorder`` hands tests out in this order): the
+    distributed-training runs, the longest single tests; then integration tests and the ``xdist_group`` modules,
+    which share module fixtures (a server, exports) and stay on one worker; then the unit tests. The sort is
+    stable, so each module keeps its own order."""
+
+    def rank(item) -> int:
+        integration = item.get_closest_marker("integration") is not None
+        if integration and item.nodeid.startswith("tests/test_training.py"):
+            return 0
+        return 1 if integration or item.get_closest_marker("xdist_group") else 2
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_policy():
     keras.utils.set_random_seed(1234)

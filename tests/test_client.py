@@ -49,6 +49,7 @@ from tests.images import photo, png_claiming
 
 ATOL = 1e-5
 integration = pytest.mark.integration
+pytestmark = pytest.mark.xdist_group("client")
 
 
 # --- images ---------------------------------------------------------------------------------

@@ -128,6 +128,7 @@ def official_export(r50_pair, tmp_path_factory):
     return base
 
 
+@pytest.mark.xdist_group("convert-official")
 @pytest.mark.integration
 def test_official_profile_served_over_grpc_matches_the_authors_extractor(r50_pair, official_export, serve):
     """Converted checkpoint -> `dolg export --profile official` -> `dolg serve` -> a JPEG over gRPC."""
@@ -280,6 +281,7 @@ def test_cli_convert_writes_a_loadable_keras_model(r50_pair, tmp_path, rng, caps
     assert "could not load model file" in capsys.readouterr().err
 
 
+@pytest.mark.xdist_group("convert-official")
 @pytest.mark.integration
 def test_converted_model_survives_savedmodel_round_trip(r50_pair, official_export, rng):
     import tensorflow as tf

@@ -41,7 +41,7 @@ from dolg_tf.model import build_dolg, load_dolg
 from tests.images import encode, jpeg_claiming, png_claiming
 
 # SavedModel exports and what runs them end to end: make test-fast leaves these out.
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("export")]
 
 SIZE = 64
 SCALES = (0.7071, 1.0, 1.4142)

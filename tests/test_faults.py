@@ -33,7 +33,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from dolg_tf.server.process import ServerProcess, cli_command
 from tests.conftest import ONE_SCALE_EXPORT
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("serving")]
 
 START_TIMEOUT_S = 180
 RETRY_FLAGS = ("--max_num_load_retries", "40", "--load_retry_interval_micros", "250000")
@@ -254,7 +254,9 @@ def test_sigkill_and_restart_with_a_retrying_client(servers, exports):
 
     first = servers["server"]
     port = first.ready["grpc_port"]
-    want = exports["embeddings"][2]  # version 3, the latest, holds version 2's weights
+    # The latest version answers: 3 (version 2's weights) after the tests above, 1 when this test runs alone.
+    latest = max(v for v, status in first.rest_status().items() if status["state"] == "AVAILABLE")
+    want = exports["embeddings"][min(latest, 2)]
     results: list[np.ndarray] = []
     errors: list[str] = []
     stop = threading.Event()

@@ -22,7 +22,7 @@ from dolg_tf.pipelines import SavedModelHandler, embed_batch
 from dolg_tf.pipelines.model import ImageRejected
 
 # SavedModel exports and what runs them end to end: make test-fast leaves these out.
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("pipelines")]
 
 MAX_PIXELS = 160 * 160  # small, so that one test image is over it without allocating much
 N_GOOD = 26

@@ -41,6 +41,7 @@ from tests.images import image_corpus
 from tests.images import photo as _photo
 
 integration = pytest.mark.integration
+pytestmark = pytest.mark.xdist_group("serving")
 MAX_MESSAGE = 4 << 20
 REST_MAX_CONNECTIONS = 12
 START_TIMEOUT_S = 180

@@ -264,7 +264,20 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     from dolg_tf.training import run_config
     from dolg_tf.training.loop import TrainLoop
 
-    out = {}
+    # One BN layer's synchronized moments on two replicas holding half a batch each.
+    import keras
+    from dolg_tf.training.sync_bn import enable_sync_batch_norm
+    with two.scope():
+        probe = keras.Sequential([keras.layers.BatchNormalization()])
+        probe.build((None, 4, 4, 3))
+    probe_layers = enable_sync_batch_norm(probe)
+    x = (np.random.default_rng(0).normal(size=(8, 4, 4, 3)) * [1, 2, 3] + [0, 1, -1]).astype("float32")
+    halves = two.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(x[4 * ctx.replica_id_in_sync_group : 4 * (ctx.replica_id_in_sync_group + 1)]))
+    moments = tf.function(lambda t: two.run(lambda h: probe.layers[0]._moments(h, None), args=(t,)))(halves)
+    out = {"moments": {"layers": probe_layers, "batch": [x.mean((0, 1, 2)).tolist(), x.var((0, 1, 2)).tolist()],
+                       "replicas": [[m.numpy().tolist() for m in two.experimental_local_results(part)]
+                                    for part in moments]}}
     # Steps per run: three to see the loss fall, two for the first-steps comparison, one for the first loss.
     for name, strategy, sync, steps in (("two", two, True, 3), ("one", one, True, 2), ("two_unsynced", two, False, 1)):
         cfg = run_config("tiny", epochs=1, steps_per_epoch=4, batch_size=16, image_size=64, lr=0.01,
@@ -308,6 +321,13 @@ def test_mirrored_two_replicas_match_one_replica(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = _summary(proc.stdout)
+    # Each replica's statistics are the whole batch's (computed here by NumPy), not its half's.
+    moments = out["moments"]
+    assert moments["layers"] == 1
+    for replicas, want in zip(moments["replicas"], moments["batch"]):
+        assert len(replicas) == 2
+        for got in replicas:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     two, one, unsynced = out["two"], out["one"], out["two_unsynced"]
     assert two["replicas"] == 2 and one["replicas"] == 1
     assert two["sync_bn"] == 18 and one["sync_bn"] == 0 and unsynced["sync_bn"] == 0
@@ -585,12 +605,16 @@ def test_dolg_train_and_train_py_share_flags_and_reject_bad_overrides(capsys, tm
 def test_float16_dynamic_loss_scaling_skips_overflowing_steps(tmp_path):
     from dolg_tf.training.loop import TrainLoop
 
-    trainer = TrainLoop(_fast_config(tmp_path, "fp16", mixed_precision="float16", head="curricularface"))
+    # 32-pixel crops, 4 images a step: float16 arithmetic is emulated on the CPU, so keep the steps small.
+    config = _fast_config(
+        tmp_path, "fp16", mixed_precision="float16", head="curricularface", image_size=32, batch_size=4
+    )
+    trainer = TrainLoop(config)
     state = trainer.state
     assert state.model.compute_dtype == "float16" and state.head.compute_dtype == "float32"
     step, iterator = trainer.make_train_step(), iter(trainer.make_dataset())
     applied = []
-    for _ in range(6):
+    for _ in range(8):
         loss, _, norm = step(iterator)
         assert np.isfinite(float(loss))
         applied.append(bool(np.isfinite(float(norm))))

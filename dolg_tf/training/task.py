@@ -42,23 +42,7 @@ from dolg_tf.training.optim import (
     exclude_from_decay,
     weight_decay_mask,
 )
-
-
-def enable_sync_batch_norm(model: keras.Model) -> int:
-    """Makes every BatchNormalization layer of ``model`` all-reduce its batch statistics.
-
-    keras-hub builds the backbone's BN layers without ``synchronized``; the flag
-    is read at call time, so setting it on the built layers is enough.
-
-    Returns:
-        The number of layers switched.
-    """
-    count = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.synchronized = True
-            count += 1
-    return count
+from dolg_tf.training.sync_bn import enable_sync_batch_norm
 
 
 def build_margin_head(config: TrainConfig, num_classes: int, class_counts: np.ndarray | None) -> keras.layers.Layer:
