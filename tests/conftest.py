@@ -12,6 +12,7 @@ Tests that change what is served copy versions into a base path of their own wit
 
 import os
 import shutil
+import sys
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -43,6 +44,24 @@ def pytest_collection_modifyitems(config, items):
         return 1 if integration or item.get_closest_marker("xdist_group") else 2
 
     items.sort(key=rank)
+
+
+def pytest_collection_finish(session):
+    """Under ``--dist loadgroup``, pytest-xdist marks each ``xdist_group`` test by suffixing its node id with the
+    group; a pytest with which that suffix does not take effect would spread a group's tests over the workers
+    (and build its module fixtures on each) without a word, so this stops the run instead."""
+    if not session.config.getoption("loadgroup", default=False):  # set on the workers of a loadgroup run
+        return
+    ungrouped = [
+        item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
+    ]
+    if ungrouped:
+        message = (
+            f"pytest-xdist did not group {len(ungrouped)} xdist_group tests (e.g. {ungrouped[0]}) with pytest "
+            f"{pytest.__version__}: install the pytest that pyproject.toml pins (pip install -e '.[dev]')"
+        )
+        print(f"\nERROR: {message}", file=sys.__stderr__, flush=True)  # a worker's error is not shown otherwise
+        raise pytest.UsageError(message)
 
 
 @pytest.fixture(autouse=True)
