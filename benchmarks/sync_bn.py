@@ -31,19 +31,14 @@ def _worker(variant: str, preset: str, size: int, batch: int, steps: int, model_
 
     strategy = make_strategy("mirrored", cpu_replicas=2)
 
-    import keras
-
     from dolg_tf.training import run_config, task
     from dolg_tf.training.loop import TrainLoop
+    from dolg_tf.training.sync_bn import batch_norm_layers
 
     if variant == "keras":
 
-        def keras_sync(model: keras.Model) -> int:
-            layers = [
-                layer
-                for layer in model._flatten_layers(include_self=False, recursive=True)
-                if isinstance(layer, keras.layers.BatchNormalization)
-            ]
+        def keras_sync(model) -> int:  # Keras' own synchronized moments: only the flag
+            layers = batch_norm_layers(model)
             for layer in layers:
                 layer.synchronized = True
             return len(layers)

@@ -67,6 +67,12 @@ def _sum_over_replicas(context: tf.distribute.ReplicaContext, value: tf.Tensor) 
     return all_sum(value)
 
 
+def batch_norm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    """Every ``BatchNormalization`` layer of ``model``, nested ones (the keras-hub backbone's) included."""
+    layers = model._flatten_layers(include_self=False, recursive=True)
+    return [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
 def enable_sync_batch_norm(model: keras.Model) -> int:
     """Makes every ``BatchNormalization`` layer of ``model`` all-reduce its batch statistics, once per call.
 
@@ -76,11 +82,9 @@ def enable_sync_batch_norm(model: keras.Model) -> int:
     Returns:
         The number of layers switched.
     """
-    count = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.synchronized = True
-            # An attribute of this instance only: Keras' tracking ignores plain functions.
-            object.__setattr__(layer, "_moments", types.MethodType(synchronized_moments, layer))
-            count += 1
-    return count
+    layers = batch_norm_layers(model)
+    for layer in layers:
+        layer.synchronized = True
+        # An attribute of this instance only: Keras' tracking ignores plain functions.
+        object.__setattr__(layer, "_moments", types.MethodType(synchronized_moments, layer))
+    return len(layers)
